@@ -1,0 +1,181 @@
+"""Configuration dataclasses: what to build (:class:`ScalaBLConfig`) and how to train (:class:`TrainConfig`).
+
+Both validate in ``__post_init__`` (errors name the bad value and the allowed ones)
+and round-trip through JSON. Callables (priors, guides) stay out of configs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Type, TypeVar
+
+from ._utils import atomic_write_json
+
+__all__ = ["ScalaBLConfig", "TrainConfig", "SCORINGS", "NORMALIZATIONS"]
+
+SCORINGS = ("letter", "choice")
+NORMALIZATIONS = ("none", "tokens", "chars")
+ELBOS = ("trace", "meanfield")
+SCHEDULES = ("cosine", "linear", "constant")
+
+T = TypeVar("T", bound="_JsonConfig")
+
+
+def _check_choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not supported; allowed values: {', '.join(map(repr, allowed))}")
+
+
+def _check_range(name: str, value: float, lo: float | None = None, hi: float | None = None, *, lo_open=False) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    if lo is not None and (value <= lo if lo_open else value < lo):
+        raise ValueError(f"{name}={value!r} must be {'>' if lo_open else '>='} {lo}")
+    if hi is not None and value > hi:
+        raise ValueError(f"{name}={value!r} must be <= {hi}")
+
+
+class _JsonConfig:
+    """Mixin: JSON save/load for flat dataclasses, with a clear error on unknown keys."""
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls: Type[T], d: dict) -> T:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unknown keys {unknown}; allowed keys: {sorted(names)}")
+        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        return cls(**kwargs)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the config as JSON (atomically)."""
+        return atomic_write_json(path, {"type": type(self).__name__, **self.to_dict()})
+
+    @classmethod
+    def load(cls: Type[T], path: str | os.PathLike) -> T:
+        """Read a config written by :meth:`save`."""
+        d = json.loads(Path(path).read_text(encoding="utf-8"))
+        kind = d.pop("type", cls.__name__)
+        if kind != cls.__name__:
+            raise ValueError(f"{path} holds a {kind}, not a {cls.__name__}")
+        return cls.from_dict(d)
+
+
+@dataclass(frozen=True)
+class ScalaBLConfig(_JsonConfig):
+    """What to build: the LoRA subspace and how a question becomes class logits.
+
+    :param r: LoRA rank; also the dimension of each latent ``s`` site.
+    :param lora_alpha: LoRA scaling numerator (``scaling = lora_alpha / r``); ``None`` means ``2 * r``.
+    :param target_modules: module-name suffixes to adapt (peft semantics). ``lm_head`` is the output head.
+    :param lora_dropout: dropout on the adapter input (0 in the reference protocol).
+    :param scoring: ``"letter"`` (reference protocol: logits of the answer-letter tokens after ``Answer:``,
+        LM head cut down to those rows) or ``"choice"`` (log-likelihood of each choice's text).
+    :param normalize: for ``scoring="choice"``: ``"none"`` (sum of token log-probs), ``"tokens"``
+        (mean per token) or ``"chars"`` (sum divided by the choice's character count).
+    :param prefix_cache: for ``scoring="choice"``: run the shared context once and reuse its
+        key/value cache for every choice (``False``: one full sequence per choice).
+    :param prior_scale: scale of the default ``Normal(0, prior_scale)`` prior on every ``s`` coordinate.
+    :param max_length: longest tokenized prompt; longer ones are cut from the left.
+    :param max_forward_batch: most sequences per backbone call; bigger folded batches are chunked.
+
+    Example::
+
+        cfg = ScalaBLConfig(r=8, scoring="choice")
+        cfg.save("run/config.json"); assert ScalaBLConfig.load("run/config.json") == cfg
+    """
+
+    r: int = 8
+    lora_alpha: float | None = None
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj", "lm_head")
+    lora_dropout: float = 0.0
+    scoring: str = "letter"
+    normalize: str = "none"
+    prefix_cache: bool = True
+    prior_scale: float = 1.0
+    max_length: int = 512
+    max_forward_batch: int = 64
+
+    def __post_init__(self):
+        if not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"r={self.r!r} must be a positive integer (the LoRA rank, e.g. 8)")
+        if self.lora_alpha is not None:
+            _check_range("lora_alpha", self.lora_alpha, 0, lo_open=True)
+        if isinstance(self.target_modules, str) or not self.target_modules:
+            raise ValueError(
+                f"target_modules={self.target_modules!r} must be a non-empty tuple of module names, "
+                "e.g. ('q_proj', 'v_proj', 'lm_head')"
+            )
+        _check_range("lora_dropout", self.lora_dropout, 0.0, 1.0)
+        _check_choice("scoring", self.scoring, SCORINGS)
+        _check_choice("normalize", self.normalize, NORMALIZATIONS)
+        if self.scoring == "letter" and self.normalize != "none":
+            raise ValueError(f"normalize={self.normalize!r} only applies to scoring='choice'; use normalize='none'")
+        _check_range("prior_scale", self.prior_scale, 0, lo_open=True)
+        if self.max_length < 8:
+            raise ValueError(f"max_length={self.max_length} is too small; use at least 8 tokens")
+        if self.max_forward_batch < 1:
+            raise ValueError(f"max_forward_batch={self.max_forward_batch} must be >= 1")
+
+    @property
+    def alpha(self) -> float:
+        return float(self.lora_alpha if self.lora_alpha is not None else 2 * self.r)
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.r
+
+
+@dataclass(frozen=True)
+class TrainConfig(_JsonConfig):
+    """How to train: optimizer, schedule, ELBO and minibatching.
+
+    :param steps: optimizer steps. :param batch_size: questions per step.
+    :param lr: learning rate of the LoRA projections ``V`` and ``B`` (and of every non-guide param).
+    :param guide_lr: learning rate of the variational parameters (guide).
+    :param weight_decay: decoupled weight decay on the projections (MAP-LoRA baseline uses > 0).
+    :param warmup: fraction of ``steps`` with a linear warmup; then ``schedule`` decays to 0
+        (``"cosine"``, ``"linear"``) or stays (``"constant"``).
+    :param clip_norm: gradient norm clipping (per parameter tensor, as ``pyro.optim`` does); 0 = off.
+    :param elbo: ``"trace"`` (:class:`~pyro.infer.Trace_ELBO`) or ``"meanfield"`` (:class:`~pyro.infer.TraceMeanField_ELBO`).
+    :param num_particles: ELBO particles; with ``vectorize_particles`` they fold into one batched forward.
+    :param kl_weight: final weight of the KL term; :param kl_anneal: fraction of steps to ramp it from 0.
+    :param seed: seeds minibatch order, initialization and sampling.
+    """
+
+    steps: int = 200
+    batch_size: int = 8
+    lr: float = 1e-3
+    guide_lr: float = 1e-2
+    weight_decay: float = 0.0
+    warmup: float = 0.1
+    schedule: str = "cosine"
+    clip_norm: float = 1.0
+    elbo: str = "trace"
+    num_particles: int = 1
+    vectorize_particles: bool = True
+    kl_weight: float = 1.0
+    kl_anneal: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "num_particles"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name}={v!r} must be a positive integer")
+        _check_range("lr", self.lr, 0, lo_open=True)
+        _check_range("guide_lr", self.guide_lr, 0, lo_open=True)
+        _check_range("weight_decay", self.weight_decay, 0)
+        _check_range("warmup", self.warmup, 0, 1)
+        _check_range("kl_anneal", self.kl_anneal, 0, 1)
+        _check_range("kl_weight", self.kl_weight, 0)
+        _check_range("clip_norm", self.clip_norm, 0)
+        _check_choice("schedule", self.schedule, SCHEDULES)
+        _check_choice("elbo", self.elbo, ELBOS)

@@ -1,0 +1,248 @@
+"""The architecture: a causal LM with LoRA adapters that maps a batch of questions to class logits.
+
+Two ways to turn a multiple-choice question into ``C`` class logits (``ScalaBLConfig.scoring``):
+
+* ``"letter"`` (reference protocol): the prompt lists the choices and ends with ``Answer:``;
+  the logits are the output head's rows for the answer tokens (``" A"``, ``" B"``...) at the last
+  position. The head is cut down to those rows, as in Laplace-LoRA and the official ScalaBL code.
+* ``"choice"``: ``logit_k = log p(continuation_k | context)``, summed over the continuation's
+  tokens (optionally divided by its token or character count). With ``prefix_cache`` the context
+  runs once and its key/value cache serves every choice.
+
+Batches of several ``s`` vectors (particles / posterior samples, ``P`` of them) are folded into the
+batch dimension particle-major: rows ``(P, B)`` for contexts and ``(P, B, C)`` for continuations, so
+every choice of a question is scored with the same ``s``.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .config import ScalaBLConfig
+from .layers import Subspace, add_lora
+
+__all__ = ["AdaptedLM"]
+
+
+def _single_token(tokenizer, word: str) -> int:
+    ids = tokenizer(" " + word, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        raise ValueError(
+            f"The answer word {word!r} is {len(ids)} tokens (' {word}' -> {ids}) for this tokenizer; the letter format "
+            "needs one token per answer. Use scoring='choice' or answer words that are single tokens."
+        )
+    return ids[0]
+
+
+class AdaptedLM:
+    """A Hugging Face causal LM with (subspace) LoRA adapters, scoring multiple-choice batches.
+
+    :param backbone: a frozen causal LM (see :func:`~scalabl_pyro.backbones.load_backbone`); it is modified in place.
+    :param tokenizer: its tokenizer.
+    :param label_words: answer words of the task, one per class (``("A", "B", "C", "D")``).
+    :param config: adapter and scoring options.
+    :param subspace: ``True`` for ScalaBL (``A = diag(s) V``), ``False`` for plain LoRA.
+    :param seed: seeds the adapter initialization.
+
+    Example::
+
+        net = AdaptedLM(model, tok, label_words=("A", "B", "C", "D"), config=ScalaBLConfig(scoring="choice"))
+        batch = net.collate(task.examples[:8])
+        logits = net.logits(batch, s={k: v[None] for k, v in net.subspace.s0.items()})  # (1, 8, 4)
+    """
+
+    def __init__(self, backbone: nn.Module, tokenizer, *, label_words: Sequence[str],
+                 config: ScalaBLConfig = ScalaBLConfig(), subspace: bool = True, seed: int = 0):
+        if len(label_words) < 2:
+            raise ValueError(f"label_words={tuple(label_words)!r}: a classification task needs at least 2 classes")
+        self.config = config
+        self.tokenizer = tokenizer
+        self.label_words = tuple(label_words)
+        self.num_classes = len(label_words)
+        backbone.requires_grad_(False)
+        backbone.eval()
+        if config.scoring == "letter":
+            ids = [_single_token(tokenizer, w) for w in self.label_words]
+            if len(set(ids)) != len(ids):
+                raise ValueError(f"label_words {self.label_words} map to repeated tokens {ids}")
+            head = backbone.get_output_embeddings()
+            cut = nn.Linear(head.in_features, len(ids), bias=head.bias is not None,
+                            dtype=head.weight.dtype, device=head.weight.device)
+            with torch.no_grad():
+                cut.weight.copy_(head.weight[ids])
+                if head.bias is not None:
+                    cut.bias.copy_(head.bias[ids])
+            cut.requires_grad_(False)
+            backbone.config.tie_word_embeddings = False
+            backbone.set_output_embeddings(cut)
+            self.label_token_ids = ids
+        self.peft_model = add_lora(backbone, config, seed=seed)
+        self.subspace = Subspace(self.peft_model) if subspace else None
+        hf = self.peft_model.get_base_model()
+        self.decoder = getattr(hf, hf.base_model_prefix)
+        self.head = hf.get_output_embeddings()
+        self.forward_calls = 0  # backbone (decoder) calls
+        self.forward_rows = 0  # sequences through the decoder
+
+    # ------------------------------------------------------------------ data
+    def collate(self, examples: Sequence) -> dict[str, torch.Tensor]:
+        """Tokenize examples (objects with ``prompt``, ``context``, ``continuations``, ``choices``, ``label``).
+
+        :returns: a dict of tensors; ``labels`` (B,), ``choice_mask`` (B, C) and, for the letter format,
+            ``input_ids``/``attention_mask`` (B, L), for the choice format ``ctx_ids``/``ctx_mask`` (B, Lc),
+            ``cont_ids``/``cont_mask`` (B, C, Lk) and ``cont_chars`` (B, C).
+        """
+        if len(examples) == 0:
+            raise ValueError("empty batch: the data set has no examples")
+        C = self.num_classes
+        for ex in examples:
+            n = len(ex.choices)
+            if n > C or n < 1:
+                raise ValueError(f"example {ex.id!r} has {n} choices; this task allows 1..{C} (label_words={self.label_words})")
+            if not 0 <= ex.label < n:
+                raise ValueError(f"example {ex.id!r}: label {ex.label} is outside its {n} choices (allowed 0..{n - 1})")
+        tok = self.tokenizer
+        batch = {
+            "labels": torch.tensor([ex.label for ex in examples], dtype=torch.long),
+            "choice_mask": torch.tensor([[k < len(ex.choices) for k in range(C)] for ex in examples]),
+        }
+        if self.config.scoring == "letter":
+            tok.padding_side, tok.truncation_side = "left", "left"
+            enc = tok([ex.prompt for ex in examples], padding=True, truncation=True,
+                      max_length=self.config.max_length, return_tensors="pt")
+            batch["input_ids"], batch["attention_mask"] = enc["input_ids"], enc["attention_mask"]
+            return batch
+        start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        ctxs, conts = [], []
+        for ex in examples:
+            ids = tok(ex.context, add_special_tokens=False)["input_ids"] if ex.context else []
+            ctxs.append(ids or [start])
+            row = []
+            for k, text in enumerate(ex.continuations):
+                cids = tok(text, add_special_tokens=False)["input_ids"]
+                if not cids:
+                    raise ValueError(f"example {ex.id!r}: choice {k} ({ex.choices[k]!r}) tokenizes to nothing; "
+                                     "fix or drop this choice")
+                row.append(cids)
+            conts.append(row)
+        lk = max(len(c) for row in conts for c in row)
+        lc = min(max(len(c) for c in ctxs), max(1, self.config.max_length - lk))
+        pad = tok.pad_token_id
+        B = len(examples)
+        ctx_ids = torch.full((B, lc), pad, dtype=torch.long)
+        ctx_mask = torch.zeros((B, lc), dtype=torch.long)
+        cont_ids = torch.full((B, C, lk), pad, dtype=torch.long)
+        cont_mask = torch.zeros((B, C, lk), dtype=torch.long)
+        cont_chars = torch.ones((B, C))
+        for i, (c, row) in enumerate(zip(ctxs, conts)):
+            c = c[-lc:]
+            ctx_ids[i, lc - len(c):] = torch.tensor(c)
+            ctx_mask[i, lc - len(c):] = 1
+            for k, cids in enumerate(row):
+                cont_ids[i, k, :len(cids)] = torch.tensor(cids)
+                cont_mask[i, k, :len(cids)] = 1
+                cont_chars[i, k] = max(1, len(examples[i].continuations[k]))
+        batch.update(ctx_ids=ctx_ids, ctx_mask=ctx_mask, cont_ids=cont_ids, cont_mask=cont_mask, cont_chars=cont_chars)
+        return batch
+
+    # --------------------------------------------------------------- forward
+    def logits(self, batch: Mapping[str, torch.Tensor], *, s: Mapping[str, torch.Tensor] | None = None,
+               prefix_cache: bool | None = None) -> torch.Tensor:
+        """Class logits for every particle and question, shape ``(P, B, C)``.
+
+        :param s: ``{site: (P, r)}`` subspace values (required for ScalaBL, ``None`` for plain LoRA).
+        :param prefix_cache: override ``config.prefix_cache`` (choice format only).
+        Absent choices (``choice_mask`` False) get ``-inf``.
+        """
+        if self.subspace is not None and s is None:
+            raise ValueError("this ScalaBL network needs s values: call it through the ScalaBL Pyro model")
+        P = 1 if s is None else next(iter(s.values())).reshape(-1, next(iter(s.values())).shape[-1]).shape[0]
+        B = batch["labels"].shape[0]
+        C = self.num_classes
+        per_question = 1 if self.config.scoring == "letter" else C
+        budget = self.config.max_forward_batch
+        pc = max(1, budget // (B * per_question))  # particles per chunk
+        bc = B if pc > 1 or B * per_question <= budget else max(1, budget // per_question)
+        use_cache = self.config.prefix_cache if prefix_cache is None else prefix_cache
+        outs = []
+        for p0 in range(0, P, pc):
+            p1 = min(P, p0 + pc)
+            parts = []
+            for b0 in range(0, B, bc):
+                sub = {k: v[b0:b0 + bc] for k, v in batch.items()}
+                if s is None:
+                    parts.append(self._forward(sub, 1, use_cache))
+                else:
+                    chunk = {k: v.reshape(-1, v.shape[-1])[p0:p1] for k, v in s.items()}
+                    with self.subspace.use(chunk):
+                        parts.append(self._forward(sub, p1 - p0, use_cache))
+            outs.append(torch.cat(parts, dim=1))
+        logits = torch.cat(outs, dim=0)
+        return logits.masked_fill(~batch["choice_mask"].bool(), float("-inf"))
+
+    def _decode(self, **kw):
+        self.forward_calls += 1
+        self.forward_rows += kw["input_ids"].shape[0]
+        return self.decoder(**kw)
+
+    @staticmethod
+    def _positions(mask: torch.Tensor) -> torch.Tensor:
+        return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+    def _forward(self, batch, p: int, use_cache: bool) -> torch.Tensor:
+        if self.config.scoring == "letter":
+            ids, mask = batch["input_ids"].repeat(p, 1), batch["attention_mask"].repeat(p, 1)
+            h = self._decode(input_ids=ids, attention_mask=mask, position_ids=self._positions(mask),
+                             use_cache=False).last_hidden_state[:, -1]
+            return self.head(h).float().view(p, -1, self.num_classes)
+        return self._choice_scores(batch, p, use_cache)
+
+    def _choice_scores(self, batch, p: int, use_cache: bool) -> torch.Tensor:
+        C = self.num_classes
+        ctx, cmask = batch["ctx_ids"].repeat(p, 1), batch["ctx_mask"].repeat(p, 1)  # (p*b, Lc)
+        b, lk = batch["cont_ids"].shape[0], batch["cont_ids"].shape[-1]
+        cont = batch["cont_ids"].reshape(b * C, lk).repeat(p, 1)  # (p*b*C, Lk), particle-major
+        kmask = batch["cont_mask"].reshape(b * C, lk).repeat(p, 1)
+        full_mask = torch.cat([cmask.repeat_interleave(C, 0), kmask], dim=-1)
+        if use_cache:
+            out = self._decode(input_ids=ctx, attention_mask=cmask, position_ids=self._positions(cmask), use_cache=True)
+            cache = out.past_key_values
+            cache.batch_repeat_interleave(C)
+            start = cmask.sum(-1).repeat_interleave(C)[:, None]
+            pos = start + torch.arange(lk, device=start.device)
+            h = self._decode(input_ids=cont, attention_mask=full_mask, position_ids=pos, past_key_values=cache,
+                             use_cache=True).last_hidden_state
+            pred = torch.cat([out.last_hidden_state[:, -1:].repeat_interleave(C, 0), h[:, :-1]], dim=1)
+        else:
+            ids = torch.cat([ctx.repeat_interleave(C, 0), cont], dim=-1)
+            h = self._decode(input_ids=ids, attention_mask=full_mask, position_ids=self._positions(full_mask),
+                             use_cache=False).last_hidden_state
+            lc = ctx.shape[-1]
+            pred = h[:, lc - 1: lc + lk - 1]
+        sel = kmask.bool()
+        logp = torch.log_softmax(self.head(pred[sel]).float(), dim=-1)
+        tok_lp = logp.gather(-1, cont[sel][:, None]).squeeze(-1)
+        scores = torch.zeros(sel.shape, dtype=tok_lp.dtype, device=tok_lp.device).masked_scatter(sel, tok_lp).sum(-1)
+        if self.config.normalize == "tokens":
+            scores = scores / kmask.sum(-1).clamp(min=1)
+        elif self.config.normalize == "chars":
+            scores = scores / batch["cont_chars"].reshape(b * C).repeat(p).to(scores.dtype)
+        return scores.view(p, b, C)
+
+    # ----------------------------------------------------------- parameters
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The LoRA projections (``A``/``V`` and ``B``) — the only trainable backbone tensors."""
+        return [p for p in self.peft_model.parameters() if p.requires_grad]
+
+    def adapters(self) -> nn.ModuleDict:
+        """The LoRA modules only (for ``pyro.module``): ``{module: {"A"|"V": lora_A, "B": lora_B}}``."""
+        if self.subspace is not None:
+            return self.subspace.adapters()
+        from .layers import lora_layers
+
+        return nn.ModuleDict({
+            n.replace(".", "_"): nn.ModuleDict({"A": m.lora_A["default"], "B": m.lora_B["default"]})
+            for n, m in lora_layers(self.peft_model).items()
+        })
