@@ -85,18 +85,22 @@ def lora_layers(peft_model: nn.Module) -> dict[str, nn.Module]:
 
 @dataclass
 class SubspaceSite:
-    """One adapted module: latent site ``site`` (= ``module_name + ".s"``) of dimension ``r``."""
+    """One adapted module: latent site ``site`` (``module_name + ".s"``, or ``".A"`` for BLoB)."""
 
     module_name: str
     site: str
     layer: nn.Module  # peft LoraLayer
     lora_A: nn.Linear  # weight = V, shape (r, in)
     lora_B: nn.Linear  # weight = B, shape (out, r)
-    s0: torch.Tensor  # (r,) singular values of the Kaiming init
+    s0: torch.Tensor  # initial latent value: (r,) singular values, or (r, in) Kaiming A for BLoB
 
     @property
     def r(self) -> int:
         return self.lora_A.out_features
+
+    @property
+    def event_shape(self) -> tuple[int, ...]:
+        return tuple(self.s0.shape)
 
 
 class Subspace:
@@ -113,7 +117,10 @@ class Subspace:
             out = sub.peft_model(input_ids)
     """
 
-    def __init__(self, peft_model: nn.Module, *, adapter: str = "default"):
+    def __init__(self, peft_model: nn.Module, *, adapter: str = "default", latent: str = "s"):
+        if latent not in ("s", "A"):
+            raise ValueError(f"latent={latent!r}; allowed: 's' (ScalaBL) or 'A' (BLoB)")
+        self.latent = latent
         self.peft_model = peft_model
         self.sites: dict[str, SubspaceSite] = {}
         self._values: Mapping[str, torch.Tensor] | None = None
@@ -121,6 +128,12 @@ class Subspace:
         for name, layer in lora_layers(peft_model).items():
             lora_A, lora_B = layer.lora_A[adapter], layer.lora_B[adapter]
             r, n_in = lora_A.weight.shape
+            if latent == "A":
+                site = f"{name}.A"
+                lora_A.weight.requires_grad_(False)  # A is the latent; lora_A.weight is unused
+                self.sites[site] = SubspaceSite(name, site, layer, lora_A, lora_B, lora_A.weight.detach().clone())
+                self._handles.append(lora_A.register_forward_hook(self._make_hook(site)))
+                continue
             if n_in < r:
                 raise ValueError(f"{name}: in_features={n_in} is smaller than r={r}; lower r or drop this module")
             with torch.no_grad():
@@ -136,15 +149,16 @@ class Subspace:
         return {k: v.s0 for k, v in self.sites.items()}
 
     def adapters(self) -> nn.ModuleDict:
-        """The trainable projections only (``V`` and ``B`` per site), for ``pyro.module``."""
+        """The trainable projections only (``V`` and ``B`` per site; ``B`` only for BLoB), for ``pyro.module``."""
         return nn.ModuleDict({
-            v.module_name.replace(".", "_"): nn.ModuleDict({"V": v.lora_A, "B": v.lora_B})
+            v.module_name.replace(".", "_"): nn.ModuleDict(
+                {"B": v.lora_B} if self.latent == "A" else {"V": v.lora_A, "B": v.lora_B})
             for v in self.sites.values()
         })
 
     @contextlib.contextmanager
     def use(self, values: Mapping[str, torch.Tensor]) -> Iterator[None]:
-        """Evaluate with ``values[site]`` of shape ``(P, r)`` (or ``(r,)``) for every site."""
+        """Evaluate with ``values[site]`` of shape ``(P, *event_shape)`` for every site."""
         missing = sorted(set(self.sites) - set(values))
         if missing:
             raise KeyError(f"no s value for sites {missing[:3]}{'...' if len(missing) > 3 else ''}")
@@ -162,6 +176,8 @@ class Subspace:
                     "model (or inside `with subspace.use(values)`)."
                 )
             s = self._values[site]
+            if self.latent == "A":
+                return self._apply_A(site, args[0], s, out)
             s = s.reshape(-1, s.shape[-1]).to(out.dtype)
             p = s.shape[0]
             if p == 1:
@@ -172,6 +188,15 @@ class Subspace:
             return (out.reshape(shape) * s.reshape((p,) + (1,) * (out.dim() - 1) + (s.shape[-1],))).reshape(out.shape)
 
         return hook
+
+    @staticmethod
+    def _apply_A(site, x, a, out):
+        a = a.reshape((-1,) + a.shape[-2:]).to(x.dtype)  # (P, r, in)
+        p = a.shape[0]
+        if x.shape[0] % p:
+            raise RuntimeError(f"{site}: batch of {x.shape[0]} rows is not a multiple of {p} particles")
+        y = torch.matmul(x.reshape(p, -1, x.shape[-1]), a.transpose(-1, -2))  # (P, rows, r)
+        return y.reshape(out.shape)
 
     def remove(self) -> None:
         """Remove the hooks (the LoRA layers become plain LoRA with ``A = V``)."""

@@ -122,7 +122,7 @@ class ScalaBL(LoRAModel):
     @property
     def latent_dim(self) -> int:
         """Total number of latent coordinates (``r`` x number of adapted modules)."""
-        return sum(v.r for v in self.net.subspace.sites.values())
+        return sum(v.s0.numel() for v in self.net.subspace.sites.values())
 
     def s0_values(self) -> dict[str, torch.Tensor]:
         """Initial ``s`` per site (singular values of the Kaiming-initialized ``A``)."""
@@ -131,20 +131,25 @@ class ScalaBL(LoRAModel):
     def __call__(self, batch, labels=None, *, num_data: int | None = None):
         pyro.module(self.name, self._adapters)
         scale = poutine.scale(scale=self.kl_weight) if self.kl_weight != 1.0 else contextlib.nullcontext()
-        s = {}
+        s, leads = {}, []
         with scale:
             for site, info in self.net.subspace.sites.items():
-                s[site] = pyro.sample(site, self.prior(site, info.layer, info.r))
-        lead = torch.broadcast_shapes(*(v.shape[:-1] for v in s.values()))
+                ev = info.event_shape
+                s[site] = v = pyro.sample(site, self.prior(site, info.layer, ev))
+                leads.append(v.shape[:v.dim() - len(ev)])
+        lead = torch.broadcast_shapes(*leads)
         # Batch dims of s are particle/sample dims, normally left of the data plate (dim -1), so the
-        # rightmost is 1. Predictive(parallel=True) reshapes event-shaped samples to (S, r) without
+        # rightmost is 1. Predictive(parallel=True) reshapes event-shaped samples to (S, *event) without
         # that 1: then every batch dim is a sample dim.
         out_lead = lead[:-1] if lead and lead[-1] == 1 else lead
         B, C = batch["labels"].shape[0], self.num_classes
         if _in_shape_pass():
             logits = torch.zeros(*out_lead, B, C)
         else:
-            flat = {k: v.expand(*lead, v.shape[-1]).reshape(-1, v.shape[-1]) for k, v in s.items()}
+            flat = {}
+            for k, v in s.items():
+                ev = self.net.subspace.sites[k].event_shape
+                flat[k] = v.expand(*lead, *ev).reshape(-1, *ev)
             logits = self.net.logits(batch, s=flat)  # (P, B, C), P = prod(lead)
             logits = logits.reshape(*out_lead, B, C)
         return self._likelihood(logits, labels, num_data)

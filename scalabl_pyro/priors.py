@@ -69,24 +69,28 @@ class LayerScalePrior:
         return dist.Normal(0.0, sigma)
 
 
-def _as_event(d: dist.Distribution, r: int, site: str) -> dist.Distribution:
-    if d.event_shape == (r,):
+def _as_event(d: dist.Distribution, shape: tuple[int, ...], site: str) -> dist.Distribution:
+    if tuple(d.event_shape) == shape:
         return d
-    if d.event_shape == () and d.batch_shape in ((), (r,), (1,)):
-        return d.expand([r]).to_event(1)
+    if d.event_shape == () and tuple(d.batch_shape) in ((), shape, (1,)) or (
+            d.event_shape == () and len(d.batch_shape) <= len(shape)
+            and tuple(d.batch_shape) == shape[len(shape) - len(d.batch_shape):]):
+        return d.expand(list(shape)).to_event(len(shape))
     raise ValueError(
         f"prior for {site!r} has batch_shape {tuple(d.batch_shape)} and event_shape {tuple(d.event_shape)}; "
-        f"use a scalar distribution or one with event_shape ({r},)"
+        f"use a scalar distribution or one with event_shape {shape}"
     )
 
 
-def normalize_prior(prior: PriorSpec, *, default: PriorFn | None = None) -> Callable[[str, torch.nn.Module, int], dist.Distribution]:
-    """Turn any accepted prior form into ``fn(site, module, r) -> Distribution`` with event shape ``(r,)``.
+def normalize_prior(prior: PriorSpec, *, default: PriorFn | None = None) -> Callable[..., dist.Distribution]:
+    """Turn any accepted prior form into ``fn(site, module, event_shape) -> Distribution``.
+
+    ``event_shape`` is ``(r,)`` for ScalaBL's ``s`` (an int ``r`` is accepted too) and ``(r, in)`` for BLoB's ``A``.
 
     Example::
 
         fn = normalize_prior(dist.Normal(0.0, 0.5))
-        fn("model.layers.0.self_attn.q_proj.s", module, 8).event_shape == (8,)
+        fn("model.layers.0.self_attn.q_proj.s", module, (8,)).event_shape == (8,)
     """
     default = default or isotropic_normal(1.0)
     if prior is None:
@@ -106,10 +110,11 @@ def normalize_prior(prior: PriorSpec, *, default: PriorFn | None = None) -> Call
             f"got {type(prior).__name__}"
         )
 
-    def fn(site: str, module, r: int) -> dist.Distribution:
+    def fn(site: str, module, event_shape) -> dist.Distribution:
+        shape = (event_shape,) if isinstance(event_shape, int) else tuple(event_shape)
         d = base(site, module)
         if not isinstance(d, dist.Distribution):
             raise TypeError(f"the prior callable returned {type(d).__name__} for {site!r}, not a Distribution")
-        return _as_event(d, r, site)
+        return _as_event(d, shape, site)
 
     return fn

@@ -43,7 +43,8 @@ class AdaptedLM:
     :param tokenizer: its tokenizer.
     :param label_words: answer words of the task, one per class (``("A", "B", "C", "D")``).
     :param config: adapter and scoring options.
-    :param subspace: ``True`` for ScalaBL (``A = diag(s) V``), ``False`` for plain LoRA.
+    :param subspace: ``True`` for ScalaBL (``A = diag(s) V``), ``False`` for plain LoRA, ``"A"`` for a latent
+        full ``A`` (BLoB).
     :param seed: seeds the adapter initialization.
 
     Example::
@@ -54,7 +55,7 @@ class AdaptedLM:
     """
 
     def __init__(self, backbone: nn.Module, tokenizer, *, label_words: Sequence[str],
-                 config: ScalaBLConfig = ScalaBLConfig(), subspace: bool = True, seed: int = 0):
+                 config: ScalaBLConfig = ScalaBLConfig(), subspace: bool | str = True, seed: int = 0):
         if len(label_words) < 2:
             raise ValueError(f"label_words={tuple(label_words)!r}: a classification task needs at least 2 classes")
         self.config = config
@@ -79,7 +80,8 @@ class AdaptedLM:
             backbone.set_output_embeddings(cut)
             self.label_token_ids = ids
         self.peft_model = add_lora(backbone, config, seed=seed)
-        self.subspace = Subspace(self.peft_model) if subspace else None
+        self.subspace = (Subspace(self.peft_model, latent="A" if subspace == "A" else "s")
+                         if subspace else None)
         hf = self.peft_model.get_base_model()
         self.decoder = getattr(hf, hf.base_model_prefix)
         self.head = hf.get_output_embeddings()
@@ -149,16 +151,21 @@ class AdaptedLM:
 
     # --------------------------------------------------------------- forward
     def logits(self, batch: Mapping[str, torch.Tensor], *, s: Mapping[str, torch.Tensor] | None = None,
-               prefix_cache: bool | None = None) -> torch.Tensor:
+               prefix_cache: bool | None = None, repeats: int = 1) -> torch.Tensor:
         """Class logits for every particle and question, shape ``(P, B, C)``.
 
-        :param s: ``{site: (P, r)}`` subspace values (required for ScalaBL, ``None`` for plain LoRA).
+        :param s: ``{site: (P, *event)}`` latent values (required for ScalaBL/BLoB, ``None`` for plain LoRA).
+        :param repeats: without ``s``: evaluate ``P = repeats`` stochastic copies (MC dropout) in one pass.
         :param prefix_cache: override ``config.prefix_cache`` (choice format only).
         Absent choices (``choice_mask`` False) get ``-inf``.
         """
         if self.subspace is not None and s is None:
             raise ValueError("this ScalaBL network needs s values: call it through the ScalaBL Pyro model")
-        P = 1 if s is None else next(iter(s.values())).reshape(-1, next(iter(s.values())).shape[-1]).shape[0]
+        if s is None:
+            P = repeats
+        else:
+            first = next(iter(s.values()))
+            P = first.shape[0]
         B = batch["labels"].shape[0]
         C = self.num_classes
         per_question = 1 if self.config.scoring == "letter" else C
@@ -173,9 +180,9 @@ class AdaptedLM:
             for b0 in range(0, B, bc):
                 sub = {k: v[b0:b0 + bc] for k, v in batch.items()}
                 if s is None:
-                    parts.append(self._forward(sub, 1, use_cache))
+                    parts.append(self._forward(sub, p1 - p0, use_cache))
                 else:
-                    chunk = {k: v.reshape(-1, v.shape[-1])[p0:p1] for k, v in s.items()}
+                    chunk = {k: v[p0:p1] for k, v in s.items()}
                     with self.subspace.use(chunk):
                         parts.append(self._forward(sub, p1 - p0, use_cache))
             outs.append(torch.cat(parts, dim=1))

@@ -1,0 +1,217 @@
+"""Every method of the benchmark behind one interface: :func:`train_method` returns a :class:`Trained`
+whose :meth:`Trained.predict` gives a :class:`~scalabl_pyro.predictive.Prediction`.
+
+=============  ==============================================================================
+``mle``        plain LoRA, maximum likelihood (SVI with an empty guide)
+``map``        plain LoRA with decoupled weight decay (a Gaussian prior on the projections)
+``scalabl``    ScalaBL: latent ``s`` per layer, Pyro autoguide (default AutoNormal), SVI
+``blob``       BLoB (Wang et al. 2024): mean-field Gaussian over the full LoRA ``A``, ``B`` deterministic
+``laplace``    MAP in the ScalaBL subspace (AutoLaplaceApproximation), then a Laplace posterior on ``s``
+               with a sampled-label Fisher (one backward per training example) + the prior's Hessian
+``mcdropout``  LoRA trained with adapter dropout, kept on at test time
+``ensemble``   deep ensemble of LoRA adapters (``ensemble_size`` seeds)
+=============  ==============================================================================
+
+Each method gets its own freshly loaded backbone from ``backbone_fn``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.infer.autoguide import AutoLaplaceApproximation, AutoMultivariateNormal
+
+from .config import ScalaBLConfig, TrainConfig
+from .guides import init_to_s0, make_guide
+from .model import LoRAModel, ScalaBL
+from .predictive import Prediction, predict
+from .scoring import AdaptedLM
+from .train import fit
+
+__all__ = ["METHODS", "BLoB", "Trained", "train_method", "laplace_guide", "lora_parameter_count"]
+
+METHODS = ("mle", "map", "scalabl", "blob", "laplace", "mcdropout", "ensemble")
+
+
+class BLoB(ScalaBL):
+    """BLoB as a Pyro model: latent ``<module>.A`` (event shape ``(r, in)``), ``B`` a learned projection.
+
+    :param net: an :class:`~scalabl_pyro.scoring.AdaptedLM` built with ``subspace="A"``.
+    """
+
+    def __init__(self, net: AdaptedLM, *, prior=None, num_data=None, name: str = "blob", kl_weight: float = 1.0):
+        if net.subspace is None or net.subspace.latent != "A":
+            raise ValueError("BLoB needs an AdaptedLM built with subspace='A'")
+        super().__init__(net, prior=prior, num_data=num_data, name=name, kl_weight=kl_weight)
+
+
+def lora_parameter_count(net: AdaptedLM) -> int:
+    """Parameters of plain LoRA on the same modules: sum of ``r*in + out*r``."""
+    from .layers import lora_layers
+
+    return sum(m.lora_A["default"].weight.numel() + m.lora_B["default"].weight.numel()
+               for m in lora_layers(net.peft_model).values())
+
+
+@dataclass
+class Trained:
+    """A trained method. ``predict(examples)`` returns per-sample probabilities ``(S, N, C)``."""
+
+    method: str
+    models: list  # LoRAModel / ScalaBL / BLoB (several for an ensemble)
+    guide: object = None
+    num_samples: int = 10
+    losses: list = field(default_factory=list)
+    fit_seconds: float = 0.0
+    extra_params: int = 0
+    lora_params: int = 0
+
+    def predict(self, examples: Sequence, *, num_samples: int | None = None, batch_size: int = 8,
+                progress: bool = False) -> Prediction:
+        S = num_samples or self.num_samples
+        if self.method == "mcdropout":
+            return _predict_mc_dropout(self.models[0].net, examples, S, batch_size)
+        if self.method == "ensemble":
+            preds = [predict(m, None, examples, batch_size=batch_size) for m in self.models]
+            return Prediction(torch.cat([p.sample_probs for p in preds]), preds[0].labels, preds[0].ids)
+        guide = self.guide if self.models[0].latent_sites else None
+        return predict(self.models[0], guide, examples, num_samples=S, batch_size=batch_size, progress=progress)
+
+
+def _predict_mc_dropout(net: AdaptedLM, examples, S: int, batch_size: int) -> Prediction:
+    chunks, labels, ids = [], [], []
+    net.peft_model.train()  # dropout on (the backbone has no dropout of its own in eval-equivalent configs)
+    try:
+        with torch.no_grad():
+            for i in range(0, len(examples), batch_size):
+                part = examples[i:i + batch_size]
+                batch = net.collate(part)
+                chunks.append(net.logits(batch, repeats=S).softmax(-1))
+                labels.append(batch["labels"])
+                ids.extend(str(getattr(ex, "id", "")) for ex in part)
+    finally:
+        net.peft_model.eval()
+    return Prediction(torch.cat(chunks, 1), torch.cat(labels), ids)
+
+
+def laplace_guide(model: ScalaBL, map_guide: AutoLaplaceApproximation, examples: Sequence, *,
+                  max_examples: int = 256, seed: int = 0, jitter: float = 1e-6) -> AutoMultivariateNormal:
+    """Laplace approximation of the ``s`` posterior around the MAP of ``map_guide``.
+
+    Precision = ``N/n * sum_i g_i g_i^T`` (Fisher with labels sampled from the MAP predictive;
+    ``g_i`` the gradient of ``log p(y_i | x_i, s)`` over the ``D`` latent coordinates, on ``n <= max_examples``
+    training examples) + the exact Hessian of ``-log prior``. Costs ``n`` backward passes instead of the
+    ``D`` that an exact Hessian (``map_guide.laplace_approximation``) needs.
+
+    :returns: an :class:`~pyro.infer.autoguide.AutoMultivariateNormal` holding the Laplace posterior.
+    """
+    n_all = len(examples)
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(n_all, generator=gen)[:max_examples].tolist()
+    loc = map_guide.loc
+    D = loc.numel()
+    F = torch.zeros(D, D, dtype=torch.float64)
+    for i in idx:
+        b = model.net.collate([examples[i]])
+        gtr = poutine.trace(map_guide).get_trace(b)
+        mtr = poutine.trace(poutine.replay(model, trace=gtr)).get_trace(b)
+        logits = mtr.nodes["obs"]["fn"].logits.reshape(-1)
+        y = torch.multinomial(logits.detach().softmax(-1), 1, generator=gen)[0]  # label from the MAP predictive
+        g = torch.autograd.grad(torch.log_softmax(logits, -1)[y], loc)[0].double()
+        F += torch.outer(g, g)
+    F *= n_all / len(idx)
+
+    def neg_log_prior(z):
+        vals = {s["name"]: v for s, v in map_guide._unpack_latent(z)}
+        total = 0.0
+        for site, info in model.net.subspace.sites.items():
+            total = total - model.prior(site, info.layer, info.event_shape).log_prob(vals[site]).sum()
+        return total
+
+    with poutine.block():
+        Hp = torch.autograd.functional.hessian(neg_log_prior, loc.detach()).double()
+    H = F + Hp + jitter * torch.eye(D, dtype=torch.float64)
+    with torch.no_grad():
+        cov = torch.linalg.inv(H)
+        scale = cov.diagonal().sqrt()
+        corr = cov / scale[:, None] / scale[None, :]
+        scale_tril = torch.linalg.cholesky(corr)
+    guide = AutoMultivariateNormal(model)
+    b = model.net.collate([examples[idx[0]]])
+    guide._setup_prototype(b, b["labels"])
+    del guide.loc, guide.scale, guide.scale_tril
+    guide.register_buffer("loc", loc.detach().clone())
+    guide.register_buffer("scale", scale.to(loc.dtype))
+    guide.register_buffer("scale_tril", scale_tril.to(loc.dtype))
+    return guide
+
+
+def train_method(method: str, backbone_fn: Callable[[], tuple], train_examples: Sequence, *, label_words,
+                 config: ScalaBLConfig = ScalaBLConfig(), train_config: TrainConfig = TrainConfig(),
+                 guide: str = "normal", prior=None, num_samples: int = 10, ensemble_size: int = 3,
+                 dropout: float = 0.1, map_weight_decay: float = 1e-2, progress: bool = True) -> Trained:
+    """Build and train ``method`` on ``train_examples``.
+
+    :param backbone_fn: returns a fresh ``(model, tokenizer)`` (e.g. ``lambda: load_backbone("smollm2")``).
+    :param guide: autoguide name for ``scalabl``/``blob`` (see :data:`~scalabl_pyro.guides.GUIDES`).
+
+    Example::
+
+        t = train_method("scalabl", lambda: load_backbone("smollm2"), train.examples, label_words=train.label_words)
+        metrics = t.predict(test.examples).metrics()
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    n = len(train_examples)
+    pyro.clear_param_store()
+    t0 = time.perf_counter()
+
+    def net_of(subspace, cfg=config, seed=train_config.seed):
+        lm, tok = backbone_fn()
+        return AdaptedLM(lm, tok, label_words=label_words, config=cfg, subspace=subspace, seed=seed)
+
+    if method in ("mle", "map", "mcdropout"):
+        cfg = dataclasses.replace(config, lora_dropout=dropout) if method == "mcdropout" else config
+        tc = dataclasses.replace(train_config, weight_decay=map_weight_decay) if method == "map" else train_config
+        net = net_of(False, cfg)
+        if method == "mcdropout":
+            net.peft_model.train()
+        model = LoRAModel(net, num_data=n)
+        res = fit(model, None, train_examples, config=tc, progress=progress)
+        net.peft_model.eval()
+        lp = lora_parameter_count(net)
+        return Trained(method, [model], None, num_samples, res.losses, time.perf_counter() - t0, 0, lp)
+    if method == "ensemble":
+        models, losses = [], []
+        for k in range(ensemble_size):
+            pyro.clear_param_store()
+            tc = dataclasses.replace(train_config, seed=train_config.seed + 1000 * k)
+            model = LoRAModel(net_of(False, seed=tc.seed), num_data=n, name=f"lora{k}")
+            losses.extend(fit(model, None, train_examples, config=tc, progress=progress).losses)
+            models.append(model)
+        lp = lora_parameter_count(models[0].net)
+        return Trained(method, models, None, ensemble_size, losses, time.perf_counter() - t0,
+                       (ensemble_size - 1) * lp, lp)
+    if method == "blob":
+        model = BLoB(net_of("A"), prior=prior, num_data=n)
+        g = make_guide(guide, model)
+    elif method == "laplace":
+        model = ScalaBL(net_of(True), prior=prior, num_data=n)
+        g = AutoLaplaceApproximation(model, init_loc_fn=init_to_s0(model))
+    else:
+        model = ScalaBL(net_of(True), prior=prior, num_data=n)
+        g = make_guide(guide, model)
+    res = fit(model, g, train_examples, config=train_config, progress=progress)
+    if method == "laplace":
+        g = laplace_guide(model, g, train_examples, seed=train_config.seed)
+    guide_params = sum(p.numel() for p in g.parameters()) + sum(b.numel() for b in g.buffers())
+    lp = lora_parameter_count(model.net)
+    trainable = sum(p.numel() for p in model.net.trainable_parameters())
+    extra = trainable + guide_params - lp
+    return Trained(method, [model], g, num_samples, res.losses, time.perf_counter() - t0, extra, lp)
+
