@@ -104,7 +104,7 @@ class ScalaBLConfig(_JsonConfig):
     max_forward_batch: int = 64
 
     def __post_init__(self):
-        if not isinstance(self.r, int) or self.r < 1:
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
             raise ValueError(f"r={self.r!r} must be a positive integer (the LoRA rank, e.g. 8)")
         if self.lora_alpha is not None:
             _check_range("lora_alpha", self.lora_alpha, 0, lo_open=True)
@@ -145,6 +145,8 @@ class TrainConfig(_JsonConfig):
         (``"cosine"``, ``"linear"``) or stays (``"constant"``).
     :param clip_norm: gradient norm clipping (per parameter tensor, as ``pyro.optim`` does); 0 = off.
     :param elbo: ``"trace"`` (:class:`~pyro.infer.Trace_ELBO`) or ``"meanfield"`` (:class:`~pyro.infer.TraceMeanField_ELBO`).
+        Pyro's autoguides sample each site through a ``Delta``, so with them no analytic KL applies and both
+        estimate the same ELBO; ``"meanfield"`` matters for hand-written guides.
     :param num_particles: ELBO particles; with ``vectorize_particles`` they fold into one batched forward.
     :param kl_weight: final weight of the KL term; :param kl_anneal: fraction of steps to ramp it from 0.
     :param seed: seeds minibatch order, initialization and sampling.

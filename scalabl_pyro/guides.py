@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 
 from pyro.infer import autoguide
-from pyro.infer.autoguide.initialization import init_to_median, init_to_value
+from pyro.infer.autoguide.initialization import init_to_median
 
 __all__ = ["init_to_s0", "default_guide", "make_guide", "GUIDES"]
 
@@ -40,7 +40,14 @@ def init_to_s0(model=None, *, fallback=init_to_median):
     """
     if model is None:
         return functools.partial(init_to_s0, fallback=fallback)
-    return init_to_value(values=model.s0_values(), fallback=fallback)
+    values = model.s0_values()
+
+    def init_loc_fn(site):
+        if site["name"] in values:  # a copy: autoguides keep the init tensor as their parameter
+            return values[site["name"]].detach().clone()
+        return fallback(site)
+
+    return init_loc_fn
 
 
 def default_guide(model, *, init_scale: float = 0.05):

@@ -62,7 +62,7 @@ def save_run(path: str | os.PathLike, model, guide=None, *, guide_kind: str | No
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-"))
     try:
-        model.net.peft_model.save_pretrained(tmp / "adapter")
+        model.net.peft_model.save_pretrained(tmp / "adapter", save_embedding_layers=False)
         guide_params = {}
         if guide is not None:
             state = pyro.get_param_store().get_state()["params"]
@@ -148,7 +148,7 @@ def _load_adapter(peft_model, file: Path) -> None:
     if not file.is_file():
         raise FileNotFoundError(f"{file} is missing: the run directory is incomplete")
     saved = load_file(str(file))
-    _check_names(get_peft_model_state_dict(peft_model), saved, what="LoRA adapters")
+    _check_names(get_peft_model_state_dict(peft_model, save_embedding_layers=False), saved, what="LoRA adapters")
     set_peft_model_state_dict(peft_model, saved)
 
 
@@ -171,7 +171,10 @@ def export_peft(path: str | os.PathLike, model: ScalaBL, guide) -> Path:
 
         export_peft("runs/obqa/peft_mean", model, guide)  # PeftModel.from_pretrained(base, that_dir)
     """
-    med = guide.median() if hasattr(guide, "median") else None
+    try:
+        med = guide.median() if hasattr(guide, "median") else None
+    except NotImplementedError:
+        med = None
     if not med:
         raise ValueError("export_peft needs a guide with a median() (e.g. AutoNormal, AutoDelta)")
     sites = model.net.subspace.sites
@@ -181,7 +184,7 @@ def export_peft(path: str | os.PathLike, model: ScalaBL, guide) -> Path:
             saved[site] = info.lora_A.weight.clone()
             info.lora_A.weight.mul_(med[site].reshape(-1, 1))
         try:
-            model.net.peft_model.save_pretrained(path)
+            model.net.peft_model.save_pretrained(path, save_embedding_layers=False)
         finally:
             for site, info in sites.items():
                 info.lora_A.weight.copy_(saved[site])

@@ -10,6 +10,9 @@ whose :meth:`Trained.predict` gives a :class:`~scalabl_pyro.predictive.Predictio
                with a sampled-label Fisher (one backward per training example) + the prior's Hessian
 ``mcdropout``  LoRA trained with adapter dropout, kept on at test time
 ``ensemble``   deep ensemble of LoRA adapters (``ensemble_size`` seeds)
+``scalabl_bayesadapt``  the same ScalaBL model and AutoNormal guide trained with the official code's
+               recipe instead of the ELBO (for comparison): AdamW on the NLL of one sample, then a
+               separate SGD step on the analytic KL(p || q) with BLoB's KL schedule
 =============  ==============================================================================
 
 Each method gets its own freshly loaded backbone from ``backbone_fn``.
@@ -23,6 +26,7 @@ from typing import Callable, Sequence
 
 import pyro
 import torch
+import pyro.distributions as dist
 from pyro import poutine
 from pyro.infer.autoguide import AutoLaplaceApproximation, AutoMultivariateNormal
 
@@ -33,9 +37,10 @@ from .predictive import Prediction, predict
 from .scoring import AdaptedLM
 from .train import fit
 
-__all__ = ["METHODS", "BLoB", "Trained", "train_method", "laplace_guide", "lora_parameter_count"]
+__all__ = ["METHODS", "BLoB", "Trained", "train_method", "laplace_guide", "lora_parameter_count",
+           "fit_bayesadapt_recipe"]
 
-METHODS = ("mle", "map", "scalabl", "blob", "laplace", "mcdropout", "ensemble")
+METHODS = ("mle", "map", "scalabl", "blob", "laplace", "mcdropout", "ensemble", "scalabl_bayesadapt")
 
 
 class BLoB(ScalaBL):
@@ -151,6 +156,66 @@ def laplace_guide(model: ScalaBL, map_guide: AutoLaplaceApproximation, examples:
     return guide
 
 
+def fit_bayesadapt_recipe(model: ScalaBL, guide, examples: Sequence, *, config: TrainConfig,
+                          kl_lr: float = 0.2, gamma: float = 8.0, progress: bool = True) -> list[float]:
+    """Train like the official ScalaBL code (BayesAdapt's VI trainer), for comparison with the ELBO.
+
+    Per step: AdamW (``config.lr``, linear warmup/decay) on the mean NLL of a minibatch under one sample
+    ``s ~ q``; then SGD (``kl_lr``) on ``sum KL(p || q)`` scaled by BLoB's schedule
+    ``lin(step) * 2**i / (2**(M+1) - 1)``, ``i = step % M + 1``, ``M = int(100 * N**(pi/gamma) / batch_size)``.
+    Note the direction: KL(prior || posterior), not the ELBO's KL(q || p).
+    """
+    import math
+
+    from torch.distributions import kl_divergence
+
+    n = len(examples)
+    gen = torch.Generator().manual_seed(config.seed)
+    first = model.net.collate([examples[0]])
+    guide(first, first["labels"])  # create the guide's parameters
+    params = list(model.net.trainable_parameters()) + list(guide.parameters())
+    nll_opt = torch.optim.AdamW(params, lr=config.lr, eps=1e-6, weight_decay=0.0)
+    kl_opt = torch.optim.SGD(params, lr=kl_lr)
+    warm = int(config.steps * config.warmup)
+    M = max(1, int(100 * n ** (math.pi / gamma) / config.batch_size))
+
+    def lin(step):
+        if step < warm:
+            return step / max(1, warm)
+        return max(0.0, (config.steps - step) / max(1, config.steps - warm))
+
+    losses = []
+    it = range(config.steps)
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(it, desc="fit ScalaBL (BayesAdapt recipe)")
+    for step in it:
+        idx = torch.randint(0, n, (config.batch_size,), generator=gen).tolist()
+        batch = model.net.collate([examples[i] for i in idx])
+        for g in nll_opt.param_groups:
+            g["lr"] = config.lr * lin(step + 1)
+        gtr = poutine.trace(guide).get_trace(batch, batch["labels"])
+        mtr = poutine.trace(poutine.replay(model, trace=gtr)).get_trace(batch, batch["labels"])
+        nll = -mtr.nodes["obs"]["fn"].log_prob(batch["labels"]).mean()
+        nll_opt.zero_grad()
+        nll.backward()
+        nll_opt.step()
+        kl = 0.0
+        for site, info in model.net.subspace.sites.items():
+            loc, scale = guide._get_loc_and_scale(site)
+            p = model.prior(site, info.layer, info.event_shape)
+            kl = kl + kl_divergence(p, dist.Normal(loc, scale).to_event(1)).sum()
+        pi = 2 ** (step % M + 1) / (2 ** (M + 1) - 1)
+        for g in kl_opt.param_groups:
+            g["lr"] = kl_lr * lin(step) * pi
+        kl_opt.zero_grad()
+        kl.backward()
+        kl_opt.step()
+        losses.append(nll.item() + kl.item() / n)
+    return losses
+
+
 def train_method(method: str, backbone_fn: Callable[[], tuple], train_examples: Sequence, *, label_words,
                  config: ScalaBLConfig = ScalaBLConfig(), train_config: TrainConfig = TrainConfig(),
                  guide: str = "normal", prior=None, num_samples: int = 10, ensemble_size: int = 3,
@@ -197,6 +262,13 @@ def train_method(method: str, backbone_fn: Callable[[], tuple], train_examples: 
         lp = lora_parameter_count(models[0].net)
         return Trained(method, models, None, ensemble_size, losses, time.perf_counter() - t0,
                        (ensemble_size - 1) * lp, lp)
+    if method == "scalabl_bayesadapt":
+        model = ScalaBL(net_of(True), prior=prior, num_data=n)
+        g = make_guide("normal", model)
+        losses = fit_bayesadapt_recipe(model, g, train_examples, config=train_config, progress=progress)
+        lp = lora_parameter_count(model.net)
+        return Trained(method, [model], g, num_samples, losses, time.perf_counter() - t0,
+                       sum(p.numel() for p in g.parameters()), lp)
     if method == "blob":
         model = BLoB(net_of("A"), prior=prior, num_data=n)
         g = make_guide(guide, model)

@@ -18,6 +18,7 @@ models skip the backbone and emit zero logits of the right shape: those passes o
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 
 import pyro
 import pyro.distributions as dist
@@ -104,7 +105,7 @@ class ScalaBL(LoRAModel):
         if net.subspace is None:
             raise ValueError("ScalaBL needs an AdaptedLM built with subspace=True")
         super().__init__(net, num_data=num_data, name=name)
-        if isinstance(prior, dict):
+        if isinstance(prior, Mapping):
             unknown = sorted(set(prior) - set(net.subspace.sites))
             if unknown:
                 raise KeyError(f"prior names unknown sites {unknown[:3]}; valid site names look like "
@@ -126,7 +127,7 @@ class ScalaBL(LoRAModel):
 
     def s0_values(self) -> dict[str, torch.Tensor]:
         """Initial ``s`` per site (singular values of the Kaiming-initialized ``A``)."""
-        return dict(self.net.subspace.s0)
+        return {k: v.clone() for k, v in self.net.subspace.s0.items()}
 
     def __call__(self, batch, labels=None, *, num_data: int | None = None):
         pyro.module(self.name, self._adapters)

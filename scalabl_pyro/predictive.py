@@ -77,7 +77,9 @@ def predict(model, guide, examples: Sequence, *, num_samples: int = 10, batch_si
         for i in it:
             part = examples[i:i + batch_size]
             batch = model.net.collate(part)
-            probs = predictive(batch)[PROBS_SITE]
+            # Labels are passed so that a guide run here for the first time sees `obs` as observed;
+            # the probabilities do not depend on them.
+            probs = predictive(batch, batch["labels"])[PROBS_SITE]
             chunks.append(probs.reshape(S, len(part), -1).float())
             labels.append(batch["labels"])
             ids.extend(str(getattr(ex, "id", i + j)) for j, ex in enumerate(part))

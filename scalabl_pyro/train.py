@@ -53,10 +53,11 @@ def make_optimizer(config: TrainConfig, *, model_prefix: str = "scalabl"):
         optim = make_optimizer(TrainConfig(lr=1e-3, guide_lr=1e-2), model_prefix=model.name)
         svi = SVI(model, guide, optim, make_elbo(TrainConfig()))
     """
-    prefix = model_prefix + "$$$"
+    # pyro.module registers "<prefix>$$$<name>"; the optimizer callable sees it normalized to "<prefix>.<name>".
+    prefixes = (model_prefix + "$$$", model_prefix + ".")
 
     def per_param(name: str) -> dict:
-        if name.startswith(prefix):
+        if name.startswith(prefixes):
             return {"lr": config.lr, "weight_decay": config.weight_decay}
         return {"lr": config.guide_lr, "weight_decay": 0.0}
 
@@ -121,26 +122,28 @@ def fit(model, guide, examples: Sequence, *, config: TrainConfig = TrainConfig()
         bar = tqdm(bar, desc=f"fit {type(model).__name__}", dynamic_ncols=True)
     t0 = time.perf_counter()
     running = None
-    for step in bar:
-        if pos + config.batch_size > n:
-            order, pos = torch.randperm(n, generator=gen), 0
-        idx = order[pos:pos + config.batch_size].tolist()
-        pos += config.batch_size
-        batch = model.net.collate([examples[i] for i in idx])
+    try:
+        for step in bar:
+            if pos + config.batch_size > n:
+                order, pos = torch.randperm(n, generator=gen), 0
+            idx = order[pos:pos + config.batch_size].tolist()
+            pos += config.batch_size
+            batch = model.net.collate([examples[i] for i in idx])
+            if hasattr(model, "kl_weight"):
+                model.kl_weight = config.kl_weight * (min(1.0, (step + 1) / anneal) if anneal else 1.0)
+            loss = svi.step(batch, batch["labels"], num_data=n) / n
+            optim.step()
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"the ELBO became {loss} at step {step}; lower lr/guide_lr or raise clip_norm")
+            result.losses.append(loss)
+            running = loss if running is None else 0.9 * running + 0.1 * loss
+            if progress:
+                bar.set_postfix(loss=f"{running:.4f}")
+            if callback is not None:
+                callback(step, loss)
+    finally:
         if hasattr(model, "kl_weight"):
-            model.kl_weight = config.kl_weight * (min(1.0, (step + 1) / anneal) if anneal else 1.0)
-        loss = svi.step(batch, batch["labels"], num_data=n) / n
-        optim.step()
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"the ELBO became {loss} at step {step}; lower lr/guide_lr or raise clip_norm")
-        result.losses.append(loss)
-        running = loss if running is None else 0.9 * running + 0.1 * loss
-        if progress:
-            bar.set_postfix(loss=f"{running:.4f}")
-        if callback is not None:
-            callback(step, loss)
+            model.kl_weight = 1.0
     result.seconds = time.perf_counter() - t0
     result.steps = config.steps
-    if hasattr(model, "kl_weight"):
-        model.kl_weight = 1.0
     return result

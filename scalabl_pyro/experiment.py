@@ -1,0 +1,239 @@
+"""Experiments: one run (train a method, evaluate in and out of distribution), a resumable grid, the demo.
+
+A run writes ``<out>/<train_set>/<method>/seed<k>/result.json`` (atomically) and a reliability
+diagram; a grid skips runs whose ``result.json`` exists and re-aggregates every finished run into
+``results.md`` / ``results.csv``.
+"""
+from __future__ import annotations
+
+import csv
+import datetime
+import io as _io
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from statistics import mean, pstdev
+from typing import Sequence
+
+import torch
+
+from safetensors.torch import load_file, save_file
+
+from ._utils import atomic_path, atomic_write_json, atomic_write_text
+from .backbones import load_backbone, tiny_llama
+from .config import ScalaBLConfig, TrainConfig, _JsonConfig
+from .data import TaskData, load_task
+from .methods import METHODS, train_method
+from .metrics import ece_accuracy_plot, format_table, ood_auroc, reliability_diagram
+from .tasks import country_task
+
+__all__ = ["GridConfig", "resolve_task", "run_one", "run_grid", "summarize", "demo", "DEMO_METHODS"]
+
+METRIC_KEYS = ("acc", "ece", "nll", "brier")
+DEMO_METHODS = ("mle", "scalabl")
+
+
+def resolve_task(name: str, split: str, *, data_dir=None, limit: int | None = None, seed: int = 0) -> TaskData:
+    """``countries`` / ``countries_shifted`` (embedded) or any :func:`~scalabl_pyro.data.load_task` name."""
+    if name in ("countries", "countries_shifted"):
+        task = country_task(split, seed=0, shifted=name == "countries_shifted")
+        return task.subset(limit, seed=seed) if limit else task
+    return load_task(name, split, data_dir=data_dir, limit=limit, seed=seed)
+
+
+def backbone_factory(name: str):
+    """``lambda: (model, tokenizer)``; ``"tiny"`` gives the random test model."""
+    if name == "tiny":
+        return lambda: tiny_llama()
+    return lambda: load_backbone(name)
+
+
+@dataclass(frozen=True)
+class GridConfig(_JsonConfig):
+    """A benchmark grid: methods x training sets x seeds, each evaluated on its test split and OOD sets.
+
+    :param ood: ``{train_set: [ood_set, ...]}``, evaluated (split ``test``) next to the in-distribution test set.
+    :param train_limit: cap on training examples (seeded subset); :param test_limit: cap per evaluation set.
+    """
+
+    methods: tuple[str, ...] = DEMO_METHODS
+    datasets: tuple[str, ...] = ("countries",)
+    seeds: tuple[int, ...] = (0,)
+    ood: dict = field(default_factory=lambda: {"countries": ["countries_shifted"]})
+    backbone: str = "smollm2"
+    scoring: str = "choice"
+    normalize: str = "none"
+    r: int = 8
+    steps: int = 200
+    batch_size: int = 8
+    lr: float = 1e-3
+    guide_lr: float = 1e-2
+    num_samples: int = 10
+    guide: str = "normal"
+    train_limit: int | None = None
+    test_limit: int | None = None
+    data_dir: str | None = None
+
+    def __post_init__(self):
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad:
+            raise ValueError(f"unknown methods {bad}; allowed: {list(METHODS)}")
+        if not self.datasets or not self.seeds:
+            raise ValueError("a grid needs at least one dataset and one seed")
+        ScalaBLConfig(r=self.r, scoring=self.scoring, normalize=self.normalize)  # validates
+        TrainConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr, guide_lr=self.guide_lr)
+
+    def to_dict(self) -> dict:
+        d = super().to_dict()
+        d["ood"] = {k: list(v) for k, v in self.ood.items()}
+        return d
+
+
+def _label_words(tasks: Sequence[TaskData]) -> tuple[str, ...]:
+    words = max((t.label_words for t in tasks), key=len)
+    for t in tasks:
+        if tuple(words[:len(t.label_words)]) != tuple(t.label_words):
+            raise ValueError(f"{t.name} answers with {t.label_words} but {words} is used by another set; "
+                             "evaluate out of distribution only on sets with the same answer words")
+    return tuple(words)
+
+
+def run_one(grid: GridConfig, method: str, dataset: str, seed: int, out_dir, *, progress: bool = True,
+            overwrite: bool = False) -> dict:
+    """Train ``method`` on ``dataset``'s train split and evaluate it; write ``result.json`` atomically."""
+    run_dir = Path(out_dir) / dataset / method / f"seed{seed}"
+    result_path = run_dir / "result.json"
+    if result_path.exists() and not overwrite:
+        return json.loads(result_path.read_text())
+    train = resolve_task(dataset, "train", data_dir=grid.data_dir, limit=grid.train_limit, seed=seed)
+    evals = {dataset: resolve_task(dataset, "test", data_dir=grid.data_dir, limit=grid.test_limit, seed=0)}
+    for name in grid.ood.get(dataset, []):
+        evals[name] = resolve_task(name, "test", data_dir=grid.data_dir, limit=grid.test_limit, seed=0)
+    words = _label_words([train, *evals.values()])
+    config = ScalaBLConfig(r=grid.r, scoring=grid.scoring, normalize=grid.normalize)
+    tc = TrainConfig(steps=grid.steps, batch_size=grid.batch_size, lr=grid.lr, guide_lr=grid.guide_lr, seed=seed)
+    torch.manual_seed(seed)
+    trained = train_method(method, backbone_factory(grid.backbone), list(train.examples), label_words=words,
+                           config=config, train_config=tc, guide=grid.guide, num_samples=grid.num_samples,
+                           progress=progress)
+    metrics, preds = {}, {}
+    t0 = time.perf_counter()
+    for name, task in evals.items():
+        pred = trained.predict(list(task.examples), progress=progress)
+        preds[name] = pred
+        metrics[name] = {**pred.metrics(), "note": task.note}
+    eval_seconds = time.perf_counter() - t0
+    ind = preds[dataset]
+    for name, pred in preds.items():
+        if name != dataset:
+            metrics[name]["auroc_entropy"] = ood_auroc(ind.predictive_entropy, pred.predictive_entropy)
+            metrics[name]["auroc_mi"] = ood_auroc(ind.mutual_information, pred.mutual_information)
+    result = {
+        "method": method, "dataset": dataset, "seed": seed, "grid": grid.to_dict(),
+        "train_examples": len(train), "train_note": train.note, "label_words": list(words),
+        "extra_params": trained.extra_params, "lora_params": trained.lora_params,
+        "fit_seconds": round(trained.fit_seconds, 1), "eval_seconds": round(eval_seconds, 1),
+        "final_loss": trained.losses[-1] if trained.losses else None, "metrics": metrics,
+        "date": datetime.date.today().isoformat(),
+        "hardware": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+    }
+    run_dir.mkdir(parents=True, exist_ok=True)
+    reliability_diagram(ind.mean_probs, ind.labels, run_dir / "reliability.png", title=f"{method} on {dataset}")
+    tensors = {}
+    for name, pred in preds.items():
+        tensors[f"{name}.mean_probs"] = pred.mean_probs.contiguous()
+        tensors[f"{name}.labels"] = pred.labels.contiguous()
+    with atomic_path(run_dir / "predictions.safetensors") as tmp:
+        save_file(tensors, str(tmp))
+    atomic_write_json(result_path, result)
+    return result
+
+
+def load_results(out_dir) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(Path(out_dir).glob("*/*/seed*/result.json"))]
+
+
+def summarize(results: Sequence[dict]) -> list[dict]:
+    """Mean and standard deviation over seeds per (train set, method, evaluation set)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        for ev, m in r["metrics"].items():
+            groups.setdefault((r["dataset"], ev, r["method"]), []).append({**m, "extra_params": r["extra_params"]})
+    rows = []
+    for (ds, ev, method), ms in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] != kv[0][0], kv[0][1],
+                                                                          METHODS.index(kv[0][2]))):
+        row = {"train": ds, "eval": ev, "method": method, "seeds": len(ms), "n": ms[0]["n"]}
+        for k in METRIC_KEYS + ("auroc_entropy", "auroc_mi"):
+            vals = [m[k] for m in ms if k in m]
+            if vals:
+                row[k] = f"{mean(vals):.3f}" + (f" ± {pstdev(vals):.3f}" if len(vals) > 1 else "")
+        row["extra_params"] = ms[0]["extra_params"]
+        rows.append(row)
+    return rows
+
+
+def _write_tables(out_dir: Path, results: list[dict]) -> list[dict]:
+    rows = summarize(results)
+    if not rows:
+        return rows
+    cols = ["train", "eval", "method", "seeds", "n", *METRIC_KEYS, "auroc_entropy", "auroc_mi", "extra_params"]
+    atomic_write_text(out_dir / "results.md", format_table(rows, columns=cols) + "\n")
+    buf = _io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols)
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(out_dir / "results.csv", buf.getvalue())
+    points = [{"method": r["method"], "dataset": ev, "acc": m["acc"], "ece": m["ece"]}
+              for r in results for ev, m in r["metrics"].items()]
+    ece_accuracy_plot(points, out_dir / "ece_vs_acc.png", title="ECE vs accuracy")
+    return rows
+
+
+def run_grid(grid: GridConfig, out_dir, *, progress: bool = True, overwrite: bool = False) -> list[dict]:
+    """Run every (dataset, method, seed) not finished yet, then rewrite the tables. Safe to interrupt."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    grid.save(out_dir / "grid.json")
+    for dataset in grid.datasets:
+        for seed in grid.seeds:
+            for method in grid.methods:
+                done = (out_dir / dataset / method / f"seed{seed}" / "result.json").exists()
+                if done and not overwrite:
+                    print(f"[skip] {dataset}/{method}/seed{seed} (finished)", flush=True)
+                    continue
+                print(f"[run]  {dataset}/{method}/seed{seed}", flush=True)
+                run_one(grid, method, dataset, seed, out_dir, progress=progress, overwrite=overwrite)
+                _write_tables(out_dir, load_results(out_dir))
+    return _write_tables(out_dir, load_results(out_dir))
+
+
+def demo(out_dir, *, grid: GridConfig | None = None, progress: bool = True, overwrite: bool = False) -> str:
+    """Fine-tune the default backbone on the default task with plain LoRA and ScalaBL; compare them.
+
+    Writes per-run JSON, ``results.md`` and ``reliability.png`` (both models on one diagram) to ``out_dir``
+    and returns the comparison table as Markdown.
+    """
+    grid = grid or GridConfig()
+    out_dir = Path(out_dir)
+    if (out_dir / "results.md").exists() and not overwrite:
+        from .io import RunExistsError
+
+        raise RunExistsError(f"{out_dir} already holds results; pass --overwrite or choose another --out")
+    if overwrite and out_dir.exists():
+        import shutil
+
+        shutil.rmtree(out_dir)
+    rows = run_grid(grid, out_dir, progress=progress)
+    cols = ["eval", "method", "n", *METRIC_KEYS, "auroc_entropy", "auroc_mi", "extra_params"]
+    table = format_table(rows, columns=cols)
+    dataset, seed = grid.datasets[0], grid.seeds[0]
+    probs, labels = {}, None
+    for method in grid.methods:
+        saved = load_file(str(out_dir / dataset / method / f"seed{seed}" / "predictions.safetensors"))
+        probs[method] = saved[f"{dataset}.mean_probs"]
+        labels = saved[f"{dataset}.labels"]
+    reliability_diagram(probs, labels, out_dir / "reliability.png", title=f"{dataset} test: reliability")
+    return table

@@ -1,0 +1,44 @@
+"""The command line: demo/train/evaluate on the tiny model, and clean errors for bad input."""
+import json
+
+import pytest
+
+from scalabl_pyro.cli import main
+
+TINY = ["--backbone", "tiny", "--steps", "2", "--batch-size", "4", "--train-limit", "8", "--test-limit", "6",
+        "--num-samples", "3", "--quiet"]
+
+
+def test_demo_and_overwrite(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), *TINY]) == 0
+    text = capsys.readouterr().out
+    assert "| countries | scalabl |" in text and "| countries_shifted | mle |" in text
+    assert main(["demo", "--out", str(out), *TINY]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["demo", "--out", str(out), *TINY, "--overwrite"]) == 0
+
+
+def test_train_then_evaluate(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), "--r", "4", *TINY]) == 0
+    info = json.loads((run / "run.json").read_text())
+    assert info["model"] == "ScalaBL" and info["guide"] == "normal" and len(info["latent_sites"]) == 5
+    assert main(["evaluate", str(run), *TINY]) == 0
+    metrics = json.loads((run / "eval_countries_test" / "metrics.json").read_text())
+    assert metrics["n"] == 6 and metrics["num_samples"] == 3
+    assert main(["train", "--out", str(run), "--r", "4", *TINY]) == 2  # refuses to overwrite
+    assert "already holds a run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--dataset", "openbookqaa"], "openbookqa"),
+    (["evaluate", "/nonexistent/run"], "not a run directory"),
+    (["train", "--backbone", "/nonexistent/model"], "Could not load the model"),
+    (["demo", "--scoring", "choice", "--steps", "0"], "steps"),
+])
+def test_bad_input_is_a_clear_error(argv, message, tmp_path, capsys):
+    code = main([*argv, "--out", str(tmp_path / "x"), "--quiet"]) if argv[0] != "evaluate" else main(argv)
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

@@ -1,0 +1,77 @@
+"""The grid runner: results per run, resume without redoing finished runs, tables, demo."""
+import json
+
+import pytest
+
+from scalabl_pyro import experiment
+from scalabl_pyro.experiment import GridConfig, demo, load_results, run_grid, summarize
+
+
+def tiny_grid(**kw):
+    base = dict(backbone="tiny", methods=("mle", "scalabl"), steps=2, batch_size=4, train_limit=8, test_limit=6,
+                num_samples=3)
+    base.update(kw)
+    return GridConfig(**base)
+
+
+def test_grid_writes_results_and_resumes(tmp_path, monkeypatch):
+    grid = tiny_grid()
+    run_grid(grid, tmp_path, progress=False)
+    results = load_results(tmp_path)
+    assert sorted(r["method"] for r in results) == ["mle", "scalabl"]
+    r = next(r for r in results if r["method"] == "scalabl")
+    assert set(r["metrics"]) == {"countries", "countries_shifted"}
+    m = r["metrics"]["countries"]
+    assert m["n"] == 6 and 0 <= m["acc"] <= 1 and m["nll"] > 0 and m["num_samples"] == 3
+    assert 0 <= r["metrics"]["countries_shifted"]["auroc_entropy"] <= 1
+    assert r["extra_params"] == 2 * grid.r * 5  # 2r per adapted module (5 on the tiny model)
+    for name in ("results.md", "results.csv", "ece_vs_acc.png", "grid.json"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert (tmp_path / "countries" / "scalabl" / "seed0" / "reliability.png").read_bytes()[:4] == b"\x89PNG"
+
+    # Interrupted grid: delete one run; a rerun redoes only that one.
+    (tmp_path / "countries" / "mle" / "seed0" / "result.json").unlink()
+    before = (tmp_path / "countries" / "scalabl" / "seed0" / "result.json").stat().st_mtime_ns
+    calls = []
+    real = experiment.run_one
+    monkeypatch.setattr(experiment, "run_one", lambda g, m, *a, **k: calls.append(m) or real(g, m, *a, **k))
+    run_grid(grid, tmp_path, progress=False)
+    assert calls == ["mle"]
+    assert (tmp_path / "countries" / "scalabl" / "seed0" / "result.json").stat().st_mtime_ns == before
+
+
+def test_summarize_mean_and_std():
+    mk = lambda seed, acc: {"dataset": "d", "method": "mle", "seed": seed, "extra_params": 0,  # noqa: E731
+                            "metrics": {"d": {"n": 4, "acc": acc, "ece": 0.1, "nll": 1.0, "brier": 0.5}}}
+    rows = summarize([mk(0, 0.5), mk(1, 0.7)])
+    assert rows[0]["acc"] == "0.600 ± 0.100" and rows[0]["seeds"] == 2 and rows[0]["ece"] == "0.100 ± 0.000"
+
+
+def test_demo_refuses_existing_results(tmp_path):
+    grid = tiny_grid(methods=("mle",))
+    table = demo(tmp_path, grid=grid, progress=False)
+    assert "| countries | mle |" in table
+    assert (tmp_path / "reliability.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(FileExistsError, match="overwrite"):
+        demo(tmp_path, grid=grid, progress=False)
+
+
+def test_grid_config_validation_and_roundtrip(tmp_path):
+    with pytest.raises(ValueError, match="unknown methods"):
+        GridConfig(methods=("mle", "bogus"))
+    with pytest.raises(ValueError, match="scoring"):
+        GridConfig(scoring="words")
+    g = tiny_grid(ood={"openbookqa": ["arc_easy"]})
+    g.save(tmp_path / "g.json")
+    assert GridConfig.load(tmp_path / "g.json") == g
+    assert json.loads((tmp_path / "g.json").read_text())["ood"] == {"openbookqa": ["arc_easy"]}
+
+
+def test_label_words_must_agree():
+    from scalabl_pyro.data import TaskData
+    a = TaskData("a", "test", (), ("A", "B", "C", "D"))
+    b = TaskData("b", "test", (), ("no", "yes"))
+    with pytest.raises(ValueError, match="answer words"):
+        experiment._label_words([a, b])
+    c = TaskData("c", "test", (), ("A", "B", "C", "D", "E"))
+    assert experiment._label_words([a, c]) == ("A", "B", "C", "D", "E")

@@ -1,0 +1,244 @@
+"""The Pyro models ScalaBL and LoRAModel: sites, shapes, param store, scaling, vectorized particles."""
+from __future__ import annotations
+
+import warnings
+
+import pyro
+import pytest
+import torch
+from pyro import poutine
+from pyro.infer import SVI, Trace_ELBO
+from pyro.infer.autoguide import AutoNormal
+from pyro.poutine.util import site_is_subsample
+
+from conftest import random_s, randomize_lora, synthetic_examples
+from scalabl_pyro.guides import init_to_s0
+from scalabl_pyro.model import LoRAModel, ScalaBL, count_parameters
+
+
+def _trace(model, batch, labels="batch", **kw):
+    labels = batch["labels"] if labels == "batch" else labels
+    return poutine.trace(model).get_trace(batch, labels, **kw)
+
+
+def _sample_sites(tr):
+    return [n for n, s in tr.nodes.items()
+            if s["type"] == "sample" and not site_is_subsample(s) and not s["infer"].get("_deterministic")]
+
+
+EXPECTED_SITES = ["model.layers.0.self_attn.q_proj.s", "model.layers.0.self_attn.v_proj.s",
+                  "model.layers.1.self_attn.q_proj.s", "model.layers.1.self_attn.v_proj.s", "lm_head.s"]
+
+
+@pytest.mark.parametrize("scoring", ["letter", "choice"])
+def test_trace_sites_and_shapes(make_model, scoring):
+    model = make_model(scoring, num_data=100)
+    assert model.latent_sites == EXPECTED_SITES
+    batch = model.net.collate(synthetic_examples(5))
+    tr = _trace(model, batch)
+    assert _sample_sites(tr) == model.latent_sites + ["obs"]
+    for site in model.latent_sites:
+        assert tr.nodes[site]["value"].shape == (4,)
+        assert not tr.nodes[site]["is_observed"]
+    assert tr.nodes["obs"]["is_observed"]
+    assert torch.equal(tr.nodes["obs"]["value"], batch["labels"])
+    probs = tr.nodes["probs"]
+    assert probs["infer"].get("_deterministic") and probs["value"].shape == (5, 3)
+    torch.testing.assert_close(probs["value"].sum(-1), torch.ones(5))
+    torch.testing.assert_close(probs["value"], tr.nodes["obs"]["fn"].probs)
+    assert tr.nodes["_RETURN"]["value"].shape == (5,)
+
+
+def test_probs_match_net_logits(make_model):
+    model = make_model("choice")
+    randomize_lora(model.net)
+    batch = model.net.collate(synthetic_examples(3))
+    tr = _trace(model, batch)
+    s = {k: tr.nodes[k]["value"][None] for k in model.latent_sites}
+    torch.testing.assert_close(tr.nodes["probs"]["value"], model.net.logits(batch, s=s)[0].softmax(-1))
+
+
+def test_latent_dim_and_s0(make_model):
+    model = make_model("letter", r=3)
+    assert model.latent_dim == 3 * 5
+    s0 = model.s0_values()
+    assert list(s0) == model.latent_sites
+    for site, v in s0.items():
+        torch.testing.assert_close(v, model.net.subspace.sites[site].s0)
+        assert v.shape == (3,) and (v > 0).all()
+
+
+def test_unconditioned_model_samples_labels(make_model):
+    model = make_model("letter")
+    batch = model.net.collate(synthetic_examples(6))
+    tr = _trace(model, batch, labels=None)
+    obs = tr.nodes["obs"]
+    assert not obs["is_observed"] and obs["value"].shape == (6,)
+    assert ((obs["value"] >= 0) & (obs["value"] < 3)).all()
+
+
+def test_label_shape_mismatch(make_model):
+    model = make_model("letter")
+    batch = model.net.collate(synthetic_examples(3))
+    with pytest.raises(ValueError, match=r"labels must have shape \(3,\)"):
+        model(batch, torch.zeros(4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("bayes", [True, False], ids=["scalabl", "lora"])
+def test_param_store_holds_only_adapters(make_model, bayes):
+    model = make_model("letter", bayes=bayes)
+    batch = model.net.collate(synthetic_examples(2))
+    model(batch, batch["labels"])
+    names = list(pyro.get_param_store().keys())
+    prefix = "scalabl$$$" if bayes else "lora$$$"
+    assert names and all(n.startswith(prefix) for n in names), names
+    assert len(names) == 2 * 5
+    kinds = sorted({n.rsplit(".", 2)[-2] for n in names})
+    assert kinds == (["B", "V"] if bayes else ["A", "B"])
+    # the store holds the very tensors of the network (training them trains the net)
+    store_ids = {id(pyro.get_param_store()[n]) for n in names}
+    assert store_ids == {id(p) for p in model.net.trainable_parameters()}
+    assert not any("embed" in n or "mlp" in n for n in names)
+
+
+@pytest.mark.parametrize("num_data, B", [(100, 4), (7, 7), (None, 5)])
+def test_obs_scale_is_num_data_over_batch(make_model, num_data, B):
+    model = make_model("letter")
+    batch = model.net.collate(synthetic_examples(B))
+    tr = _trace(model, batch, num_data=num_data)
+    want = (num_data or B) / B
+    assert float(tr.nodes["obs"]["scale"]) == pytest.approx(want)
+    assert float(tr.nodes["probs"]["scale"]) == pytest.approx(want)
+    for site in model.latent_sites:  # the prior is not scaled by the data set size
+        assert tr.nodes[site]["scale"] == 1.0
+    frame = tr.nodes["obs"]["cond_indep_stack"][0]
+    assert frame.name == "data" and frame.dim == -1 and frame.size == B and frame.full_size == (num_data or B)
+
+
+def test_constructor_num_data_is_default(make_model):
+    model = make_model("letter", num_data=40)
+    batch = model.net.collate(synthetic_examples(4))
+    assert float(_trace(model, batch).nodes["obs"]["scale"]) == pytest.approx(10.0)
+    assert float(_trace(model, batch, num_data=8).nodes["obs"]["scale"]) == pytest.approx(2.0)
+
+
+def test_log_likelihood_value(make_model):
+    model = make_model("letter", num_data=12)
+    randomize_lora(model.net)
+    batch = model.net.collate(synthetic_examples(4))
+    tr = _trace(model, batch)
+    tr.compute_log_prob()
+    logits = torch.log(tr.nodes["probs"]["value"])
+    want = 3.0 * logits.gather(-1, batch["labels"][:, None]).sum()
+    torch.testing.assert_close(tr.nodes["obs"]["log_prob_sum"], want, atol=1e-5, rtol=1e-5)
+
+
+def test_kl_weight_scales_only_latent_sites(make_model):
+    model = make_model("letter")
+    model.kl_weight = 0.25
+    batch = model.net.collate(synthetic_examples(2))
+    tr = _trace(model, batch)
+    for site in model.latent_sites:
+        assert tr.nodes[site]["scale"] == 0.25
+    assert float(tr.nodes["obs"]["scale"]) == 1.0
+
+
+@pytest.mark.parametrize("scoring", ["letter", "choice"])
+def test_svi_step_raises_no_warnings(make_model, scoring):
+    model = make_model(scoring, num_data=20)  # built outside: peft wrapping warns (transformers)
+    batch = model.net.collate(synthetic_examples(4))
+    guide = AutoNormal(model, init_loc_fn=init_to_s0(model), init_scale=0.05)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
+        loss = svi.step(batch, batch["labels"])
+        loss2 = svi.step(batch, batch["labels"])
+    assert torch.isfinite(torch.tensor([loss, loss2])).all()
+
+
+@pytest.mark.parametrize("scoring, calls", [("letter", 1), ("choice", 2)])
+def test_vectorized_particles_one_forward(make_model, scoring, calls):
+    model = make_model(scoring, num_data=20)
+    randomize_lora(model.net)
+    batch = model.net.collate(synthetic_examples(4))
+    guide = AutoNormal(model, init_loc_fn=init_to_s0(model), init_scale=0.5)
+    guide(batch, batch["labels"])  # prototype pass: no backbone call
+    assert model.net.forward_calls == 0
+    elbo = Trace_ELBO(num_particles=4, vectorize_particles=True, max_plate_nesting=1)
+    traced = poutine.trace(model)  # records the model trace the ELBO sees
+    loss = elbo.loss(traced, guide, batch, batch["labels"])
+    assert torch.isfinite(torch.tensor(loss))
+    model_tr = traced.trace
+    for site in model.latent_sites:
+        assert model_tr.nodes[site]["value"].shape == (4, 1, 4)
+    assert model_tr.nodes["probs"]["value"].shape == (4, 4, 3)
+    assert model_tr.nodes["obs"]["value"].shape == (4,)
+    # ONE chunked forward for all 4 particles x 4 questions (x 3 choices)
+    assert model.net.forward_calls == calls
+    assert model.net.forward_rows == (16 if scoring == "letter" else 16 + 48)
+    probs = model_tr.nodes["probs"]["value"]
+    assert not torch.allclose(probs[0], probs[1])  # the particles really differ
+    before = model.net.forward_calls
+    elbo.differentiable_loss(model, guide, batch, batch["labels"])
+    assert model.net.forward_calls - before == calls
+
+
+def test_vectorized_particles_equal_separate_evaluations(make_model):
+    model = make_model("letter")
+    randomize_lora(model.net)
+    batch = model.net.collate(synthetic_examples(3))
+    s = random_s(model.net, 4)
+    stacked = {k: v[:, None, :] for k, v in s.items()}  # (P, 1, r): particle dim left of the data plate
+    with pyro.plate("particles", 4, dim=-2):
+        tr = poutine.trace(poutine.condition(model, stacked)).get_trace(batch, batch["labels"])
+    probs = tr.nodes["probs"]["value"]
+    assert probs.shape == (4, 3, 3)
+    for p in range(4):
+        one = poutine.trace(poutine.condition(model, {k: v[p] for k, v in s.items()})).get_trace(batch, batch["labels"])
+        torch.testing.assert_close(probs[p], one.nodes["probs"]["value"], atol=1e-5, rtol=1e-5)
+
+
+def test_autonormal_prototype_costs_no_backbone_call(make_model):
+    model = make_model("choice")
+    batch = model.net.collate(synthetic_examples(4))
+    guide = AutoNormal(model, init_loc_fn=init_to_s0(model))
+    out = guide(batch, batch["labels"])
+    assert model.net.forward_calls == 0
+    assert sorted(out) == sorted(model.latent_sites)
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-3}), Trace_ELBO())
+    svi.step(batch, batch["labels"])
+    assert model.net.forward_calls == 2  # one model run = context + continuations
+
+
+def test_shape_pass_emits_zero_logits(make_model):
+    from pyro.infer.autoguide.initialization import InitMessenger, init_to_sample
+
+    model = make_model("letter")
+    batch = model.net.collate(synthetic_examples(3))
+    tr = poutine.trace(InitMessenger(init_to_sample)(model)).get_trace(batch, batch["labels"])
+    assert model.net.forward_calls == 0
+    torch.testing.assert_close(tr.nodes["probs"]["value"], torch.full((3, 3), 1 / 3))
+
+
+def test_lora_model_has_no_latent_sites(make_model):
+    model = make_model("choice", bayes=False, num_data=10)
+    assert isinstance(model, LoRAModel) and not isinstance(model, ScalaBL)
+    assert model.latent_sites == ()
+    batch = model.net.collate(synthetic_examples(4))
+    tr = _trace(model, batch)
+    assert _sample_sites(tr) == ["obs"]
+    assert tr.nodes["probs"]["value"].shape == (4, 3)
+    assert float(tr.nodes["obs"]["scale"]) == pytest.approx(2.5)
+    assert model.net.forward_calls == 2
+
+
+def test_count_parameters(make_model):
+    model = make_model("letter")
+    batch = model.net.collate(synthetic_examples(2))
+    guide = AutoNormal(model, init_loc_fn=init_to_s0(model))
+    guide(batch, batch["labels"])
+    counts = count_parameters(model, guide)
+    lora = sum(p.numel() for p in model.net.trainable_parameters())
+    # letter head cut to 3 rows: q (4x32 + 32x4), v (4x32 + 16x4) per layer, head (4x32 + 3x4)
+    assert lora == 2 * (256 + 192) + (128 + 12)
+    assert counts == {"lora": lora, "guide": 2 * 20, "extra_over_lora": 40, "total": lora + 40, "latent_dim": 20}
