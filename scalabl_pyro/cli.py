@@ -51,7 +51,20 @@ def cmd_benchmark(args) -> int:
 
     base = GridConfig.load(args.config) if args.config else GridConfig()
     grid = GridConfig.from_dict({**base.to_dict(), **_grid_overrides(args)})
-    rows = run_grid(grid, args.out, progress=not args.quiet, overwrite=args.overwrite)
+    rows = run_grid(grid, args.out, progress=not args.quiet, overwrite=args.overwrite, report=args.report)
+    print(format_table(rows))
+    return 0
+
+
+def cmd_compare_guides(args) -> int:
+    from .experiment import GridConfig, compare_guides
+    from .metrics import format_table
+
+    grid = GridConfig(**_grid_overrides(args))
+    out = Path(args.out)
+    if (out / "guides.md").exists() and not args.overwrite:
+        raise FileExistsError(f"{out} already holds results; pass --overwrite or choose another --out")
+    rows = compare_guides(out, guides=args.guides.split(","), grid=grid, progress=not args.quiet)
     print(format_table(rows))
     return 0
 
@@ -126,8 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("benchmark", help="run (or resume) a grid of methods x datasets x seeds")
     p.add_argument("--config", help="grid JSON (see GridConfig); command-line options override it")
     p.add_argument("--out", default="runs/benchmark")
+    p.add_argument("--report", default=None, help="also write a Markdown report (e.g. bench/RESULTS.md)")
     _add_common(p)
     p.set_defaults(fn=cmd_benchmark)
+    p = sub.add_parser("compare-guides", help="train ScalaBL with each autoguide on the default task and compare")
+    p.add_argument("--guides", default="normal,diagonal,lowrank,mvn,iaf,delta")
+    p.add_argument("--out", default="runs/guides")
+    _add_common(p)
+    p.set_defaults(fn=cmd_compare_guides)
     p = sub.add_parser("train", help="train one method on one data set and save the run")
     p.add_argument("--dataset", default="countries")
     p.add_argument("--method", default="scalabl", choices=("mle", "map", "scalabl"))

@@ -30,7 +30,7 @@ from .methods import METHODS, train_method
 from .metrics import ece_accuracy_plot, format_table, ood_auroc, reliability_diagram
 from .tasks import country_task
 
-__all__ = ["GridConfig", "resolve_task", "run_one", "run_grid", "summarize", "demo", "DEMO_METHODS"]
+__all__ = ["GridConfig", "resolve_task", "run_one", "run_grid", "summarize", "demo", "compare_guides", "DEMO_METHODS"]
 
 METRIC_KEYS = ("acc", "ece", "nll", "brier")
 DEMO_METHODS = ("mle", "scalabl")
@@ -175,12 +175,35 @@ def summarize(results: Sequence[dict]) -> list[dict]:
     return rows
 
 
-def _write_tables(out_dir: Path, results: list[dict]) -> list[dict]:
+def report_header(grid: GridConfig, results: Sequence[dict]) -> str:
+    """Budget, hardware, date and the command that regenerates the table."""
+    hw = results[0]["hardware"] if results else "?"
+    dates = sorted({r["date"] for r in results}) or ["?"]
+    secs = sum(r["fit_seconds"] + r["eval_seconds"] for r in results)
+    return "\n".join([
+        f"Backbone `{grid.backbone}`, `{grid.scoring}` scoring (normalize={grid.normalize}), LoRA r={grid.r} on "
+        f"q_proj/v_proj/lm_head; {grid.steps} steps x batch {grid.batch_size}, lr {grid.lr} (projections) / "
+        f"{grid.guide_lr} (guide), {grid.num_samples} posterior samples at test time.",
+        f"Training sets capped at {grid.train_limit or 'all'} examples, each evaluation set at "
+        f"{grid.test_limit or 'all'} (seeded subsets). Seeds per cell: see `seeds`. ECE uses 15 equal-width bins.",
+        f"Finished runs: {len(results)}; compute {secs / 3600:.1f} h on {hw}; dates {dates[0]} to {dates[-1]}.",
+        "OOD columns: AUROC of predictive entropy / mutual information for telling the training set's test "
+        "questions from the evaluation set's.",
+    ])
+
+
+def _write_tables(out_dir: Path, results: list[dict], grid: GridConfig | None = None,
+                  report: str | os.PathLike | None = None) -> list[dict]:
     rows = summarize(results)
     if not rows:
         return rows
     cols = ["train", "eval", "method", "seeds", "n", *METRIC_KEYS, "auroc_entropy", "auroc_mi", "extra_params"]
-    atomic_write_text(out_dir / "results.md", format_table(rows, columns=cols) + "\n")
+    table = format_table(rows, columns=cols) + "\n"
+    atomic_write_text(out_dir / "results.md", table)
+    if report is not None and grid is not None:
+        cmd = f"scalabl-pyro benchmark --config {out_dir / 'grid.json'} --out {out_dir} --report {report}"
+        atomic_write_text(report, f"# Benchmark results\n\n{report_header(grid, results)}\n\nRegenerate (resumes; "
+                          f"finished runs are skipped):\n\n```\n{cmd}\n```\n\n{table}")
     buf = _io.StringIO()
     w = csv.DictWriter(buf, fieldnames=cols)
     w.writeheader()
@@ -192,8 +215,12 @@ def _write_tables(out_dir: Path, results: list[dict]) -> list[dict]:
     return rows
 
 
-def run_grid(grid: GridConfig, out_dir, *, progress: bool = True, overwrite: bool = False) -> list[dict]:
-    """Run every (dataset, method, seed) not finished yet, then rewrite the tables. Safe to interrupt."""
+def run_grid(grid: GridConfig, out_dir, *, progress: bool = True, overwrite: bool = False,
+             report: str | os.PathLike | None = None) -> list[dict]:
+    """Run every (dataset, method, seed) not finished yet, then rewrite the tables. Safe to interrupt.
+
+    :param report: also write a Markdown report (header with budget, hardware, date and command + table) there.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     grid.save(out_dir / "grid.json")
@@ -206,8 +233,53 @@ def run_grid(grid: GridConfig, out_dir, *, progress: bool = True, overwrite: boo
                     continue
                 print(f"[run]  {dataset}/{method}/seed{seed}", flush=True)
                 run_one(grid, method, dataset, seed, out_dir, progress=progress, overwrite=overwrite)
-                _write_tables(out_dir, load_results(out_dir))
-    return _write_tables(out_dir, load_results(out_dir))
+                _write_tables(out_dir, load_results(out_dir), grid, report)
+    return _write_tables(out_dir, load_results(out_dir), grid, report)
+
+
+def compare_guides(out_dir, *, guides: Sequence[str] = ("normal", "diagonal", "lowrank", "mvn", "iaf", "delta"),
+                   grid: GridConfig | None = None, progress: bool = True) -> list[dict]:
+    """Train ScalaBL with each autoguide on the default task; report ELBO, metrics, size and speed.
+
+    ELBO is the mean per-example loss over the last 10% of steps (negative ELBO / N; for ``delta`` a MAP
+    objective, not an ELBO). Writes ``guides.json``, ``guides.md`` and a posterior-scale plot per guide.
+    """
+    from .guides import make_guide
+    from .model import ScalaBL
+    from .posterior import plot_posterior_scales, posterior_scales
+    from .predictive import predict
+    from .scoring import AdaptedLM
+    from .train import fit
+
+    import pyro
+
+    grid = grid or GridConfig()
+    out_dir = Path(out_dir)
+    train = resolve_task("countries", "train", limit=grid.train_limit)
+    test = resolve_task("countries", "test", limit=grid.test_limit)
+    tc = TrainConfig(steps=grid.steps, batch_size=grid.batch_size, lr=grid.lr, guide_lr=grid.guide_lr)
+    rows = []
+    for name in guides:
+        pyro.clear_param_store()
+        torch.manual_seed(0)
+        lm, tok = backbone_factory(grid.backbone)()
+        net = AdaptedLM(lm, tok, label_words=train.label_words,
+                        config=ScalaBLConfig(r=grid.r, scoring=grid.scoring, normalize=grid.normalize))
+        model = ScalaBL(net, num_data=len(train))
+        guide = make_guide(name, model)
+        res = fit(model, guide, list(train.examples), config=tc, progress=progress)
+        tail = res.losses[-max(1, len(res.losses) // 10):]
+        m = predict(model, guide, list(test.examples), num_samples=grid.num_samples).metrics()
+        n_params = sum(p.numel() for p in guide.parameters())
+        batch = net.collate(list(test.examples[:2]))
+        plot_posterior_scales(posterior_scales(model, guide, batch), out_dir / f"posterior_scales_{name}.png",
+                              title=f"{name}: posterior std of s per module")
+        rows.append({"guide": name, "neg_elbo": sum(tail) / len(tail), "acc": m["acc"], "ece": m["ece"],
+                     "nll": m["nll"], "brier": m["brier"], "guide_params": n_params,
+                     "sec_per_step": res.seconds / max(1, res.steps)})
+        atomic_write_json(out_dir / "guides.json", rows)
+    atomic_write_text(out_dir / "guides.md", format_table(rows) + "\n")
+    return rows
 
 
 def demo(out_dir, *, grid: GridConfig | None = None, progress: bool = True, overwrite: bool = False) -> str:

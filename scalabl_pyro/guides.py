@@ -12,11 +12,52 @@ starts every ``s`` site at its singular values ``s0`` instead.
 from __future__ import annotations
 
 import functools
+import operator
+from contextlib import ExitStack
 
+import pyro
+import pyro.distributions as dist
+import torch
 from pyro.infer import autoguide
 from pyro.infer.autoguide.initialization import init_to_median
+from pyro.infer.autoguide.utils import deep_setattr
+from pyro.nn import PyroModule, PyroParam
 
-__all__ = ["init_to_s0", "default_guide", "make_guide", "GUIDES"]
+__all__ = ["init_to_s0", "default_guide", "make_guide", "GUIDES", "AutoDelta"]
+
+class AutoDelta(autoguide.AutoDelta):
+    """Pyro's :class:`~pyro.infer.autoguide.AutoDelta` (MAP) with its point estimates kept under ``locs``.
+
+    Pyro 1.9's AutoDelta stores the estimate of site ``a.b.c`` at attribute path ``a.b.c`` of the guide.
+    For sites named ``model.layers...`` that path starts at the guide's ``model`` property, so the
+    estimates end up on the model object and never reach the param store (they are not trained).
+    This subclass stores them at ``locs.a.b.c`` (as :class:`~pyro.infer.autoguide.AutoNormal` does);
+    everything else is Pyro's.
+    """
+
+    def _setup_prototype(self, *args, **kwargs):
+        autoguide.AutoGuide._setup_prototype(self, *args, **kwargs)
+        self.locs = PyroModule()
+        for name, site in self.prototype_trace.iter_stochastic_nodes():
+            deep_setattr(self.locs, name, PyroParam(site["value"].detach(), site["fn"].support, site["fn"].event_dim))
+
+    def forward(self, *args, **kwargs):
+        if self.prototype_trace is None:
+            self._setup_prototype(*args, **kwargs)
+        plates = self._create_plates(*args, **kwargs)
+        out = {}
+        for name, site in self.prototype_trace.iter_stochastic_nodes():
+            with ExitStack() as stack:
+                for frame in site["cond_indep_stack"]:
+                    if frame.vectorized:
+                        stack.enter_context(plates[frame.name])
+                out[name] = pyro.sample(name, dist.Delta(operator.attrgetter(name)(self.locs), event_dim=site["fn"].event_dim))
+        return out
+
+    @torch.no_grad()
+    def median(self, *args, **kwargs):
+        return {name: operator.attrgetter(name)(self.locs).detach() for name, _ in self.prototype_trace.iter_stochastic_nodes()}
+
 
 GUIDES = {
     "normal": autoguide.AutoNormal,
@@ -24,7 +65,7 @@ GUIDES = {
     "lowrank": autoguide.AutoLowRankMultivariateNormal,
     "mvn": autoguide.AutoMultivariateNormal,
     "iaf": autoguide.AutoIAFNormal,
-    "delta": autoguide.AutoDelta,
+    "delta": AutoDelta,
     "laplace": autoguide.AutoLaplaceApproximation,
 }
 

@@ -10,6 +10,7 @@ from pyro.infer import Trace_ELBO, TraceMeanField_ELBO, autoguide
 
 from conftest import synthetic_examples
 from scalabl_pyro.config import TrainConfig
+import scalabl_pyro.guides as scalabl_guides
 from scalabl_pyro.guides import GUIDES, default_guide, init_to_s0, make_guide
 from scalabl_pyro.predictive import predict
 from scalabl_pyro.train import fit
@@ -17,7 +18,7 @@ from scalabl_pyro.train import fit
 GUIDE_CLASSES = {
     "normal": autoguide.AutoNormal, "diagonal": autoguide.AutoDiagonalNormal,
     "lowrank": autoguide.AutoLowRankMultivariateNormal, "mvn": autoguide.AutoMultivariateNormal,
-    "iaf": autoguide.AutoIAFNormal, "delta": autoguide.AutoDelta, "laplace": autoguide.AutoLaplaceApproximation,
+    "iaf": autoguide.AutoIAFNormal, "delta": scalabl_guides.AutoDelta,  # Pyro's AutoDelta, params kept under locs (see guides.py) "laplace": autoguide.AutoLaplaceApproximation,
 }
 
 
@@ -148,3 +149,25 @@ def test_elbo_decreases_on_learnable_toy(make_model, examples):
               progress=False)
     first, last = sum(res.losses[:5]) / 5, sum(res.losses[-5:]) / 5
     assert last < first - 0.3, (first, last)
+
+
+@pytest.mark.parametrize("name", sorted(GUIDES))
+def test_every_site_is_trained_by_the_guide(name, make_model):
+    """Every latent coordinate has a variational parameter in the param store, and a step moves them."""
+    model = make_model("letter")
+    guide = make_guide(name, model)
+    batch = model.net.collate(synthetic_examples(8))
+    guide(batch, batch["labels"])
+    store = pyro.get_param_store()
+    guide_params = {k: v.detach().clone() for k, v in store.items() if not k.startswith(model.name + "$$$")}
+    per_coordinate = sum(v.numel() for v in guide_params.values())
+    assert per_coordinate >= model.latent_dim, (name, sorted(guide_params))
+    svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 0.05}), pyro.infer.Trace_ELBO())
+    svi.step(batch, batch["labels"])
+    moved = [k for k, v in guide_params.items() if not torch.equal(store[k].detach(), v)]
+    assert sorted(moved) == sorted(guide_params)
+    assert not hasattr(model, "layers")  # nothing was attached to the model object
+
+
+def test_delta_is_pyros_autodelta():
+    assert issubclass(GUIDES["delta"], autoguide.AutoDelta)
