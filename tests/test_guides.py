@@ -18,7 +18,8 @@ from scalabl_pyro.train import fit
 GUIDE_CLASSES = {
     "normal": autoguide.AutoNormal, "diagonal": autoguide.AutoDiagonalNormal,
     "lowrank": autoguide.AutoLowRankMultivariateNormal, "mvn": autoguide.AutoMultivariateNormal,
-    "iaf": autoguide.AutoIAFNormal, "delta": scalabl_guides.AutoDelta,  # Pyro's AutoDelta, params kept under locs (see guides.py) "laplace": autoguide.AutoLaplaceApproximation,
+    "iaf": autoguide.AutoIAFNormal, "laplace": autoguide.AutoLaplaceApproximation,
+    "delta": scalabl_guides.AutoDelta,  # Pyro's AutoDelta with params kept under locs (see guides.py)
 }
 
 
