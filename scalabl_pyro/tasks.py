@@ -254,7 +254,7 @@ def _split_countries(seed: int, test_fraction: float) -> tuple[list[CountryFact]
 
 
 def country_task(split: str = "train", *, seed: int = 0, shifted: bool = False, num_choices: int = 4,
-                 test_fraction: float = 0.3) -> TaskData:
+                 test_fraction: float = 0.3, distractors: str = "continent") -> TaskData:
     """The embedded countries task (see the module docstring).
 
     :param split: ``"train"`` or ``"test"``; the two hold disjoint countries.
@@ -262,6 +262,9 @@ def country_task(split: str = "train", *, seed: int = 0, shifted: bool = False, 
     :param shifted: the OOD variant (reverse-capital and continent questions); ``split="test"`` only.
     :param num_choices: choices per question, 2 to 6 (continent questions have 6 continents to draw from).
     :param test_fraction: fraction of countries held out for ``"test"``.
+    :param distractors: ``"continent"`` (default): capital/currency distractors come from countries on the
+        answer's continent (in the same split) when there are enough, which makes the questions test knowledge
+        rather than continent cues; ``"random"``: from any country of the split.
     :returns: :class:`~scalabl_pyro.data.TaskData` named ``"countries"`` or ``"countries_shifted"``,
         with label words ``("A", "B", ...)``; ids like ``"capital:France"``, ``"currency:France"``,
         ``"capital_of:Paris"``, ``"continent:France"``.
@@ -282,6 +285,8 @@ def country_task(split: str = "train", *, seed: int = 0, shifted: bool = False, 
     if isinstance(num_choices, bool) or not isinstance(num_choices, int) or not 2 <= num_choices <= len(CONTINENTS):
         raise ValueError(f"num_choices={num_choices!r} must be an integer from 2 to {len(CONTINENTS)} "
                          f"(continent questions draw from {len(CONTINENTS)} continents)")
+    if distractors not in ("continent", "random"):
+        raise ValueError(f"distractors={distractors!r}; allowed: 'continent', 'random'")
     if not isinstance(test_fraction, (int, float)) or not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction={test_fraction!r} must be strictly between 0 and 1 (e.g. 0.3)")
 
@@ -300,6 +305,12 @@ def country_task(split: str = "train", *, seed: int = 0, shifted: bool = False, 
     def mc(qid: str, question: str, answer: str, pool: set[str]) -> Example:
         return _mc_example(qid, question, answer, pool, seed=seed, num_choices=num_choices, label_words=label_words)
 
+    def local(attr: str, f: CountryFact, pool: set[str]) -> set[str]:
+        if distractors == "random":
+            return pool
+        near = {getattr(g, attr) for g in facts if g.continent == f.continent}
+        return near if len(near - {getattr(f, attr)}) >= num_choices - 1 else pool
+
     examples: list[Example] = []
     for f in facts:
         c = _in_sentence(f.country)
@@ -309,12 +320,14 @@ def country_task(split: str = "train", *, seed: int = 0, shifted: bool = False, 
             examples.append(mc(f"continent:{f.country}", f"On which continent is {c}?", f.continent,
                                kinds["continents"]))
         else:
-            examples.append(mc(f"capital:{f.country}", f"What is the capital of {c}?", f.capital, kinds["capitals"]))
+            examples.append(mc(f"capital:{f.country}", f"What is the capital of {c}?", f.capital,
+                               local("capital", f, kinds["capitals"])))
             examples.append(mc(f"currency:{f.country}", f"What is the currency of {c}?", f.currency,
-                               kinds["currencies"]))
+                               local("currency", f, kinds["currencies"])))
     note = (f"embedded fact table: {len(FACTS)} countries, {len(train)} train / {len(test)} test countries "
             f"(seed {seed}, test_fraction {test_fraction}); test countries never appear in train questions; "
-            f"distractors come from the same split's countries")
+            f"distractors come from the same split's countries"
+            + (" on the answer's continent where possible" if distractors == "continent" and not shifted else ""))
     if shifted:
         note += "; shifted (OOD) question types: reverse capital lookup and continent"
     return TaskData("countries_shifted" if shifted else "countries", split, tuple(examples), label_words, note=note)

@@ -111,3 +111,22 @@ def test_num_choices_and_errors():
     with pytest.raises(ValueError, match="distinct"):
         country_task("test", test_fraction=0.02, num_choices=6)
     assert len(country_task("test", test_fraction=0.5)) == 2 * 78
+
+
+def test_continent_distractors_come_from_the_answers_continent():
+    from scalabl_pyro.tasks import FACTS
+    by_capital = {f.capital: f for f in FACTS}
+    task = country_task("test", distractors="continent")
+    same = total = 0
+    for ex in task.examples:
+        if not ex.id.startswith("capital:"):
+            continue
+        answer = by_capital[ex.choices[ex.label]]
+        for c in ex.choices:
+            total += 1
+            same += by_capital[c].continent == answer.continent
+    assert same / total > 0.9  # falls back to any continent only where a continent has too few countries
+    rnd = country_task("test", distractors="random")
+    assert [e.choices for e in rnd.examples] != [e.choices for e in task.examples]
+    with pytest.raises(ValueError, match="distractors"):
+        country_task("test", distractors="nearby")
