@@ -12,8 +12,9 @@ Sites (public API, stable):
 * ``obs`` — the observed label, ``Categorical(logits)``, inside ``pyro.plate("data", num_data)``
   so the log-likelihood of a minibatch is scaled to the full data set.
 
-Inside Pyro's ``InitMessenger`` (autoguide prototype tracing, ``Predictive``'s shape inference) the
-models skip the backbone and emit zero logits of the right shape: those passes only need shapes.
+Inside Pyro's ``InitMessenger`` without a replay or condition (autoguide prototype tracing,
+``Predictive``'s shape inference) the models skip the backbone and emit zero logits of the right
+shape: those passes only need shapes.
 """
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.infer.autoguide.initialization import InitMessenger
+from pyro.poutine.condition_messenger import ConditionMessenger
+from pyro.poutine.replay_messenger import ReplayMessenger
 from pyro.poutine.runtime import _PYRO_STACK
 
 from .priors import PriorSpec, normalize_prior
@@ -36,7 +39,14 @@ OBS_SITE, PROBS_SITE, DATA_PLATE = "obs", "probs", "data"
 
 
 def _in_shape_pass() -> bool:
-    return any(isinstance(m, InitMessenger) for m in _PYRO_STACK)
+    """True inside an autoguide prototype trace or Predictive's shape inference: an ``InitMessenger`` with no
+    replay/condition. (Autoguides keep ``guide.model`` wrapped in ``InitMessenger``; replaying it, as
+    ``AutoLaplaceApproximation.laplace_approximation`` does, must run the backbone.)"""
+    init = replay = False
+    for m in _PYRO_STACK:
+        init |= isinstance(m, InitMessenger)
+        replay |= isinstance(m, (ReplayMessenger, ConditionMessenger))
+    return init and not replay
 
 
 class LoRAModel:

@@ -242,3 +242,26 @@ def test_count_parameters(make_model):
     # letter head cut to 3 rows: q (4x32 + 32x4), v (4x32 + 16x4) per layer, head (4x32 + 3x4)
     assert lora == 2 * (256 + 192) + (128 + 12)
     assert counts == {"lora": lora, "guide": 2 * 20, "extra_over_lora": 40, "total": lora + 40, "latent_dim": 20}
+
+
+def test_replaying_guide_model_runs_the_backbone(make_model):
+    """Autoguides keep guide.model wrapped in InitMessenger; a replay of it (as in Pyro's exact
+    AutoLaplaceApproximation.laplace_approximation) is a real pass, not a shape-only one."""
+    from pyro import poutine
+    from pyro.infer.autoguide import AutoLaplaceApproximation
+
+    from scalabl_pyro.guides import init_to_s0
+
+    model = make_model("letter", num_data=16)
+    randomize_lora(model.net)
+    batch = model.net.collate(synthetic_examples(16))
+    guide = AutoLaplaceApproximation(model, init_loc_fn=init_to_s0(model))
+    calls = model.net.forward_calls
+    guide(batch, batch["labels"])
+    assert model.net.forward_calls == calls  # the prototype pass is shape-only
+    gtr = poutine.trace(guide).get_trace(batch, batch["labels"])
+    mtr = poutine.trace(poutine.replay(guide.model, trace=gtr)).get_trace(batch, batch["labels"])
+    assert model.net.forward_calls > calls
+    direct = poutine.trace(poutine.replay(model, trace=gtr)).get_trace(batch, batch["labels"])
+    torch.testing.assert_close(mtr.nodes["obs"]["fn"].logits, direct.nodes["obs"]["fn"].logits)
+    assert mtr.nodes["obs"]["fn"].logits.abs().sum() > 0  # not the zero logits of a shape pass

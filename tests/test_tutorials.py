@@ -21,7 +21,7 @@ TUTORIALS = Path(__file__).resolve().parent.parent / "tutorials"
 # notebook -> a string its outputs must contain (a value computed by the notebook)
 NOTEBOOKS = {
     "01_lora_to_pyro_model.ipynb": "number of latent sites: 5, latent dimension: 20",   # tiny Llama: 2 x (q, v) + lm_head, r=4
-    "02_calibration.ipynb": "ece    by hand 0.1938   classification_metrics 0.1937",  # the hand-computed toy ECE
+    "02_calibration.ipynb": "ece    by hand 0.1938",           # the toy ECE computed in plain Python
     "03_priors_and_guides.ipynb": "8 variants compared on 16 held-out questions",
     "04_beyond_svi.ipynb": "projections V, B unchanged by NUTS: True",
 }
@@ -61,7 +61,6 @@ def test_tutorial_runs(name, monkeypatch):
     # (the notebooks also say %matplotlib inline), and one thread per kernel is fastest for the tiny model.
     monkeypatch.delenv("MPLBACKEND", raising=False)
     monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
-    monkeypatch.setenv("PYTHONWARNINGS", "ignore")
 
     client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
                                      resources={"metadata": {"path": str(TUTORIALS)}})
