@@ -76,6 +76,7 @@ class GridConfig(_JsonConfig):
     train_limit: int | None = None
     test_limit: int | None = None
     data_dir: str | None = None
+    note: str = ""
 
     def __post_init__(self):
         bad = [m for m in self.methods if m not in METHODS]
@@ -186,7 +187,9 @@ def report_header(grid: GridConfig, results: Sequence[dict]) -> str:
         f"{grid.guide_lr} (guide), {grid.num_samples} posterior samples at test time.",
         f"Training sets capped at {grid.train_limit or 'all'} examples, each evaluation set at "
         f"{grid.test_limit or 'all'} (seeded subsets). Seeds per cell: see `seeds`. ECE uses 15 equal-width bins.",
-        f"Finished runs: {len(results)}; compute {secs / 3600:.1f} h on {hw}; dates {dates[0]} to {dates[-1]}.",
+        f"Finished runs: {len(results)} of {len(grid.methods) * len(grid.datasets) * len(grid.seeds)} in the grid; "
+        f"compute {secs / 3600:.1f} h on {hw}; dates {dates[0]} to {dates[-1]}.",
+        *([grid.note] if grid.note else []),
         "OOD columns: AUROC of predictive entropy / mutual information for telling the training set's test "
         "questions from the evaluation set's.",
     ])
