@@ -176,13 +176,21 @@ def make_passage_examples(n: int, seed: int = 0, *, sentences: tuple[int, int] =
 
 
 # ------------------------------------------------------------------------------------------ helpers
+_DEVICE = torch.device("cpu")
+
+
 def load(backbone: str):
-    """``(model, tokenizer)``: ``"tiny"`` is :func:`tiny_llama`, anything else goes to ``load_backbone``."""
+    """``(model, tokenizer)`` on ``--device``: ``"tiny"`` is :func:`tiny_llama`, else ``load_backbone``."""
     from scalabl_pyro.backbones import load_backbone, tiny_llama
 
-    if backbone == "tiny":
-        return tiny_llama()
-    return load_backbone(backbone)
+    lm, tok = tiny_llama() if backbone == "tiny" else load_backbone(backbone)
+    return lm.to(_DEVICE), tok
+
+
+def sync() -> None:
+    """Wait for queued GPU work, so that wall-clock timers measure it (a no-op on CPU)."""
+    if _DEVICE.type == "cuda":
+        torch.cuda.synchronize(_DEVICE)
 
 
 def median_ms(xs) -> float:
@@ -341,6 +349,17 @@ def run_variant(args) -> dict:
         step = (lambda b: (svi_step(b), sched_step())) if args.variant == "scalabl_svi" else torch_step
     batch = net.collate(examples)
     gc.collect()
+    if _DEVICE.type == "cuda":  # GPU memory: torch's allocator peak over the steps
+        sync()
+        after_load = torch.cuda.memory_allocated(_DEVICE) // 1024
+        torch.cuda.reset_peak_memory_stats(_DEVICE)
+        for _ in range(args.mem_steps):
+            step(batch)
+        sync()
+        peak = torch.cuda.max_memory_allocated(_DEVICE) // 1024
+        return {"variant": args.variant, "rss_after_load_kb": after_load, "peak_kb": peak,
+                "peak_method": "torch.cuda.max_memory_allocated (reset after load)", "ru_maxrss_kb": _maxrss_kb(),
+                "growth_kb": peak - after_load, "steps": args.mem_steps}
     rss_after_load = _status_kb("VmRSS")
     lifetime_peak_before = _maxrss_kb()
     reset_ok = _reset_peak()
@@ -360,7 +379,7 @@ def measure_memory(args) -> dict:
     for variant in ("lora", "scalabl_svi", "scalabl_torch"):
         cmd = [sys.executable, os.path.abspath(__file__), "--variant", variant, "--backbone", args.backbone,
                "--batch-size", str(args.batch_size), "--seed", str(args.seed), "--num-data", str(args.num_data),
-               "--mem-steps", str(args.mem_steps)]
+               "--mem-steps", str(args.mem_steps), "--device", str(_DEVICE)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(_MARK)]
         if proc.returncode != 0 or not lines:
@@ -379,12 +398,15 @@ def time_steps(args, lora_step, scalabl_svi, sched_step, scalabl_torch, batch_re
     for i in range(args.warmup + args.repeats):
         k = i % len(runs)
         for name, fn in runs[k:] + runs[:k]:  # rotate the order: no variant always runs first
+            sync()
             t0 = time.perf_counter()
             fn()
+            sync()
             dt = time.perf_counter() - t0
             if name == "scalabl_svi":
                 t1 = time.perf_counter()
                 sched_step()
+                sync()
                 ds = time.perf_counter() - t1
             if i >= args.warmup:
                 times[name].append(dt)
@@ -406,13 +428,13 @@ def _stub_logits(net):
     def logits(batch, *, s=None, prefix_cache=None):
         B, C = batch["labels"].shape[0], net.num_classes
         P = 1 if s is None else next(iter(s.values())).reshape(-1, net.config.r).shape[0]
-        acc = torch.zeros(P)
+        acc = torch.zeros(P, device=_DEVICE)
         for site, A, Bm in layers:
             a = A.weight.sum(-1)  # (r,)
             if s is not None:
                 a = a * s[site].reshape(-1, a.shape[-1])  # (P, r)
             acc = acc + (Bm.weight.sum(0) * a).sum(-1)
-        return (1e-3 * acc).reshape(P, 1, 1) * torch.arange(C, dtype=torch.float32).expand(P, B, C)
+        return (1e-3 * acc).reshape(P, 1, 1) * torch.arange(C, dtype=torch.float32, device=_DEVICE).expand(P, B, C)
 
     return logits
 
@@ -440,8 +462,10 @@ def time_overhead(args, nets, steps, batches) -> dict:
                 fn(b)
             ts = []
             for _ in range(n):
+                sync()
                 t0 = time.perf_counter()
                 fn(b)
+                sync()
                 ts.append(time.perf_counter() - t0)
             out[name] = ts
     return out
@@ -458,9 +482,11 @@ def time_predictive(args, model, guide, batch) -> dict:
         ts, calls, rows = [], [], []
         for i in range(1 + args.predictive_repeats):
             c0, r0 = net.forward_calls, net.forward_rows
+            sync()
             t0 = time.perf_counter()
             with torch.no_grad():
                 probs = pred(batch)["probs"]
+            sync()
             dt = time.perf_counter() - t0
             calls.append(net.forward_calls - c0)
             rows.append(net.forward_rows - r0)
@@ -508,8 +534,13 @@ def main(argv=None) -> int:
     ap.add_argument("--no-memory", action="store_true", help="skip the per-variant memory subprocesses")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="also cProfile N ScalaBL SVI steps and print the top functions")
+    ap.add_argument("--device", default="cpu", help='"cpu" (default), "cuda" or "auto"')
     ap.add_argument("--variant", choices=("lora", "scalabl_svi", "scalabl_torch"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    global _DEVICE
+    from scalabl_pyro.backbones import resolve_device
+
+    _DEVICE = resolve_device(args.device)
 
     if args.variant:  # child process of the memory measurement
         print(_MARK + json.dumps(run_variant(args)), flush=True)
@@ -540,7 +571,8 @@ def main(argv=None) -> int:
 
     print(f"# step_time: backbone={args.backbone}  batch={args.batch_size}  prompt tokens "
           f"min/median/max={int(ntok.min())}/{int(ntok.median())}/{int(ntok.max())} (padded to {batch['input_ids'].shape[1]})"
-          f"  threads={torch.get_num_threads()}  torch={torch.__version__}  pyro={pyro.__version__}")
+          f"  threads={torch.get_num_threads()}  torch={torch.__version__}  pyro={pyro.__version__}  device={_DEVICE}"
+          + (f" ({torch.cuda.get_device_name(_DEVICE)})" if _DEVICE.type == "cuda" else ""))
     print(f"# build (2 backbone loads + adapters) {load_s:.1f} s; timing {args.repeats} steps/variant after "
           f"{args.warmup} warmup, interleaved with rotating order", flush=True)
 
@@ -611,7 +643,8 @@ def main(argv=None) -> int:
         mem = measure_memory(args)
         phases["memory"] = time.perf_counter() - t0
         mb = lambda kb: f"{kb / 1024:.0f}"  # noqa: E731
-        print("\n## Peak memory (RSS, MiB; one fresh process per variant)\n")
+        kind = "GPU allocated" if _DEVICE.type == "cuda" else "RSS"
+        print(f"\n## Peak memory ({kind}, MiB; one fresh process per variant)\n")
         print(table(["variant", "RSS after load", "peak during steps", "growth", "lifetime ru_maxrss"], [
             (v, mb(m["rss_after_load_kb"]), mb(m["peak_kb"]), mb(m["growth_kb"]), mb(m["ru_maxrss_kb"]))
             for v, m in mem.items()]))
@@ -619,7 +652,7 @@ def main(argv=None) -> int:
               f"({args.mem_steps} steps incl. the first, which allocates the optimizer state)")
         lo = mem["lora"]
         for v in ("scalabl_svi", "scalabl_torch"):
-            ratios[f"peak_rss {v}/lora"] = mem[v]["peak_kb"] / lo["peak_kb"]
+            ratios[f"peak_{'gpu' if _DEVICE.type == 'cuda' else 'rss'} {v}/lora"] = mem[v]["peak_kb"] / lo["peak_kb"]
             ratios[f"rss_growth {v}/lora"] = mem[v]["growth_kb"] / max(1, lo["growth_kb"])
 
     ratios["est. scalabl_svi/lora"] = 1 + (ovh_med["scalabl_svi"] + ovh_med["scheduler"] - ovh_med["lora"]) / min(

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["load_backbone", "tiny_llama", "char_tokenizer", "smollm2_gguf_path", "DEFAULT_BACKBONE"]
+__all__ = ["load_backbone", "resolve_device", "tiny_llama", "char_tokenizer", "smollm2_gguf_path", "DEFAULT_BACKBONE"]
 
 DEFAULT_BACKBONE = "smollm2"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -77,12 +77,27 @@ def _load_smollm2(dtype: torch.dtype):
     return model, tok
 
 
-def load_backbone(name_or_path: str = DEFAULT_BACKBONE, *, dtype: torch.dtype = torch.float32, **kwargs):
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``"auto"`` (or ``None``) is CUDA when available, else CPU; anything else goes to ``torch.device``."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device={device!r} is not a device ({e}); use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but this torch ({torch.__version__}) sees no CUDA GPU; use 'cpu' or 'auto'")
+    return dev
+
+
+def load_backbone(name_or_path: str = DEFAULT_BACKBONE, *, dtype: torch.dtype = torch.float32,
+                  device: str | torch.device | None = None, **kwargs):
     """Load a causal LM and its tokenizer, frozen and in eval mode.
 
     :param name_or_path: ``"smollm2"`` (embedded default), a hub id such as
         ``"meta-llama/Llama-3.1-8B"``, or a local directory saved with ``save_pretrained``.
     :param dtype: parameter dtype of the backbone.
+    :param device: move the model there (``"auto"``: CUDA if available); default: where it loads (CPU).
     :param kwargs: passed to ``AutoModelForCausalLM.from_pretrained`` (e.g. ``device_map``).
     :returns: ``(model, tokenizer)``; the tokenizer pads on the left and has a pad token.
 
@@ -104,6 +119,8 @@ def load_backbone(name_or_path: str = DEFAULT_BACKBONE, *, dtype: torch.dtype = 
                 f"nor reachable on the Hugging Face hub ({e.__class__.__name__}). Pass a local path, or "
                 f"'{DEFAULT_BACKBONE}' for the embedded SmolLM2-135M-Instruct."
             ) from None
+    if device is not None:
+        model = model.to(resolve_device(device))
     return _prepare(model, tok)
 
 

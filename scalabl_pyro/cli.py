@@ -22,6 +22,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None, help="folder with the benchmark JSONL files (default ../shared/data)")
     p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--device", default="auto", help="'auto' (CUDA if available), 'cpu', 'cuda' or 'cuda:N'")
 
 
 def _grid_overrides(args, **extra) -> dict:
@@ -37,7 +38,7 @@ def cmd_demo(args) -> int:
     from .experiment import GridConfig, demo
 
     grid = GridConfig(**_grid_overrides(args))
-    table = demo(args.out, grid=grid, progress=not args.quiet, overwrite=args.overwrite)
+    table = demo(args.out, grid=grid, progress=not args.quiet, overwrite=args.overwrite, device=args.device)
     print(f"\nScalaBL vs plain LoRA on the embedded countries task ({grid.backbone}, {grid.scoring} scoring, "
           f"{grid.num_samples} posterior samples)\n")
     print(table)
@@ -51,7 +52,8 @@ def cmd_benchmark(args) -> int:
 
     base = GridConfig.load(args.config) if args.config else GridConfig()
     grid = GridConfig.from_dict({**base.to_dict(), **_grid_overrides(args)})
-    rows = run_grid(grid, args.out, progress=not args.quiet, overwrite=args.overwrite, report=args.report)
+    rows = run_grid(grid, args.out, progress=not args.quiet, overwrite=args.overwrite, report=args.report,
+                    device=args.device, workers=args.workers)
     print(format_table(rows))
     return 0
 
@@ -64,7 +66,7 @@ def cmd_compare_guides(args) -> int:
     out = Path(args.out)
     if (out / "guides.md").exists() and not args.overwrite:
         raise FileExistsError(f"{out} already holds results; pass --overwrite or choose another --out")
-    rows = compare_guides(out, guides=args.guides.split(","), grid=grid, progress=not args.quiet)
+    rows = compare_guides(out, guides=args.guides.split(","), grid=grid, progress=not args.quiet, device=args.device)
     print(format_table(rows))
     return 0
 
@@ -85,7 +87,7 @@ def cmd_train(args) -> int:
     tc = TrainConfig(**{k: v for k, v in dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                                               guide_lr=args.guide_lr, seed=args.seed).items() if v is not None})
     torch.manual_seed(args.seed)
-    trained = train_method(args.method, backbone_factory(args.backbone), list(train.examples),
+    trained = train_method(args.method, backbone_factory(args.backbone, args.device), list(train.examples),
                            label_words=train.label_words, config=cfg, train_config=tc, guide=args.guide,
                            progress=not args.quiet)
     save_run(out, trained.models[0], trained.guide, guide_kind=args.guide if trained.guide is not None else None,
@@ -99,8 +101,7 @@ def cmd_train(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from ._utils import atomic_write_json
-    from .backbones import tiny_llama
-    from .experiment import resolve_task
+    from .experiment import backbone_factory, resolve_task
     from .io import load_run
     from .metrics import format_table, reliability_diagram
     from .predictive import predict
@@ -113,8 +114,8 @@ def cmd_evaluate(args) -> int:
     if not dataset:
         raise ValueError("pass --dataset: the run does not record the data set it was trained on")
     task = resolve_task(dataset, args.split, data_dir=args.data_dir, limit=args.test_limit)
-    backbone = tiny_llama() if info["backbone"] == "tiny" else None
-    model, guide, _ = load_run(run, backbone=backbone)
+    backbone = backbone_factory("tiny", args.device)() if info["backbone"] == "tiny" else None
+    model, guide, _ = load_run(run, backbone=backbone, device=args.device)
     pred = predict(model, guide, list(task.examples), num_samples=args.num_samples or 10, progress=not args.quiet)
     metrics = pred.metrics()
     out = Path(args.out) if args.out else run / f"eval_{dataset}_{args.split}"
@@ -140,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="grid JSON (see GridConfig); command-line options override it")
     p.add_argument("--out", default="runs/benchmark")
     p.add_argument("--report", default=None, help="also write a Markdown report (e.g. bench/RESULTS.md)")
+    p.add_argument("--workers", type=int, default=1, help="runs at once, each in its own process (e.g. 8 on one GPU)")
     _add_common(p)
     p.set_defaults(fn=cmd_benchmark)
     p = sub.add_parser("compare-guides", help="train ScalaBL with each autoguide on the default task and compare")
@@ -170,7 +172,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ValueError, KeyError, TypeError, FileNotFoundError, FileExistsError, OSError, ModuleNotFoundError) as e:
+    except (ValueError, KeyError, TypeError, FileNotFoundError, FileExistsError, OSError, ModuleNotFoundError,
+            RuntimeError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"scalabl-pyro {args.command}: error: {msg}", file=sys.stderr)
         return 2

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ._utils import atomic_path, atomic_write_json, atomic_write_text
-from .backbones import load_backbone, tiny_llama
+from .backbones import load_backbone, resolve_device, tiny_llama
 from .config import ScalaBLConfig, TrainConfig, _JsonConfig
 from .data import TaskData, load_task
 from .methods import METHODS, train_method
@@ -44,11 +44,21 @@ def resolve_task(name: str, split: str, *, data_dir=None, limit: int | None = No
     return load_task(name, split, data_dir=data_dir, limit=limit, seed=seed)
 
 
-def backbone_factory(name: str):
-    """``lambda: (model, tokenizer)``; ``"tiny"`` gives the random test model."""
-    if name == "tiny":
-        return lambda: tiny_llama()
-    return lambda: load_backbone(name)
+def backbone_factory(name: str, device: str | torch.device | None = None):
+    """``lambda: (model, tokenizer)`` on ``device`` (``"auto"``: CUDA if available); ``"tiny"``: the test model."""
+    def load():
+        if name != "tiny":
+            return load_backbone(name, device=device)
+        model, tok = tiny_llama()
+        return (model.to(resolve_device(device)) if device is not None else model), tok
+
+    return load
+
+
+def _hardware(device) -> str:
+    cpu = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    dev = resolve_device(device) if device is not None else torch.device("cpu")
+    return f"{torch.cuda.get_device_name(dev)}; {cpu}" if dev.type == "cuda" else cpu
 
 
 @dataclass(frozen=True)
@@ -103,8 +113,11 @@ def _label_words(tasks: Sequence[TaskData]) -> tuple[str, ...]:
 
 
 def run_one(grid: GridConfig, method: str, dataset: str, seed: int, out_dir, *, progress: bool = True,
-            overwrite: bool = False) -> dict:
-    """Train ``method`` on ``dataset``'s train split and evaluate it; write ``result.json`` atomically."""
+            overwrite: bool = False, device: str | None = None) -> dict:
+    """Train ``method`` on ``dataset``'s train split and evaluate it; write ``result.json`` atomically.
+
+    :param device: where to run (``"auto"``: CUDA if available; default CPU); recorded in ``hardware``.
+    """
     run_dir = Path(out_dir) / dataset / method / f"seed{seed}"
     result_path = run_dir / "result.json"
     if result_path.exists() and not overwrite:
@@ -117,7 +130,7 @@ def run_one(grid: GridConfig, method: str, dataset: str, seed: int, out_dir, *, 
     config = ScalaBLConfig(r=grid.r, scoring=grid.scoring, normalize=grid.normalize)
     tc = TrainConfig(steps=grid.steps, batch_size=grid.batch_size, lr=grid.lr, guide_lr=grid.guide_lr, seed=seed)
     torch.manual_seed(seed)
-    trained = train_method(method, backbone_factory(grid.backbone), list(train.examples), label_words=words,
+    trained = train_method(method, backbone_factory(grid.backbone, device), list(train.examples), label_words=words,
                            config=config, train_config=tc, guide=grid.guide, num_samples=grid.num_samples,
                            progress=progress)
     metrics, preds = {}, {}
@@ -139,7 +152,7 @@ def run_one(grid: GridConfig, method: str, dataset: str, seed: int, out_dir, *, 
         "fit_seconds": round(trained.fit_seconds, 1), "eval_seconds": round(eval_seconds, 1),
         "final_loss": trained.losses[-1] if trained.losses else None, "metrics": metrics,
         "date": datetime.date.today().isoformat(),
-        "hardware": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+        "hardware": _hardware(device),
     }
     run_dir.mkdir(parents=True, exist_ok=True)
     reliability_diagram(ind.mean_probs, ind.labels, run_dir / "reliability.png", title=f"{method} on {dataset}")
@@ -218,30 +231,67 @@ def _write_tables(out_dir: Path, results: list[dict], grid: GridConfig | None = 
     return rows
 
 
+def _run_cell(args) -> tuple[str, str | None]:
+    """Worker of :func:`run_grid` (a fresh process: its own Pyro param store). Returns ``(cell, error)``."""
+    grid_dict, method, dataset, seed, out_dir, device, overwrite, threads = args
+    torch.set_num_threads(threads)
+    cell = f"{dataset}/{method}/seed{seed}"
+    try:
+        run_one(GridConfig.from_dict(grid_dict), method, dataset, seed, out_dir, progress=False,
+                overwrite=overwrite, device=device)
+        return cell, None
+    except Exception as e:  # noqa: BLE001 - reported by the parent, the other cells go on
+        return cell, f"{type(e).__name__}: {e}"
+
+
 def run_grid(grid: GridConfig, out_dir, *, progress: bool = True, overwrite: bool = False,
-             report: str | os.PathLike | None = None) -> list[dict]:
+             report: str | os.PathLike | None = None, device: str | None = None, workers: int = 1) -> list[dict]:
     """Run every (dataset, method, seed) not finished yet, then rewrite the tables. Safe to interrupt.
 
     :param report: also write a Markdown report (header with budget, hardware, date and command + table) there.
+    :param device: ``"cpu"``, ``"cuda"``, ``"auto"``... (default CPU).
+    :param workers: run cells in this many worker processes at once (one GPU serves several small runs;
+        each worker gets ``cpu_count // workers`` threads). A failed cell is reported and the others go on.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     grid.save(out_dir / "grid.json")
-    for dataset in grid.datasets:
-        for seed in grid.seeds:
+    todo = []
+    for seed in grid.seeds:  # seed-major: an interrupted grid has whole tables for its first seeds
+        for dataset in grid.datasets:
             for method in grid.methods:
                 done = (out_dir / dataset / method / f"seed{seed}" / "result.json").exists()
                 if done and not overwrite:
                     print(f"[skip] {dataset}/{method}/seed{seed} (finished)", flush=True)
-                    continue
-                print(f"[run]  {dataset}/{method}/seed{seed}", flush=True)
-                run_one(grid, method, dataset, seed, out_dir, progress=progress, overwrite=overwrite)
+                else:
+                    todo.append((dataset, method, seed))
+    if workers <= 1:
+        for dataset, method, seed in todo:
+            print(f"[run]  {dataset}/{method}/seed{seed}", flush=True)
+            run_one(grid, method, dataset, seed, out_dir, progress=progress, overwrite=overwrite, device=device)
+            _write_tables(out_dir, load_results(out_dir), grid, report)
+        return _write_tables(out_dir, load_results(out_dir), grid, report)
+    import multiprocessing as mp
+
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    jobs = [(grid.to_dict(), m, d, s, str(out_dir), device, overwrite, threads) for d, m, s in todo]
+    failed = []
+    with mp.get_context("spawn").Pool(workers) as pool:
+        for cell, err in pool.imap_unordered(_run_cell, jobs):
+            print(f"[{'fail' if err else 'done'}] {cell}" + (f": {err}" if err else ""), flush=True)
+            if err:
+                failed.append(f"{cell}: {err}")
+            else:
                 _write_tables(out_dir, load_results(out_dir), grid, report)
-    return _write_tables(out_dir, load_results(out_dir), grid, report)
+    rows = _write_tables(out_dir, load_results(out_dir), grid, report)
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(todo)} runs failed (the others are saved; rerun to retry):\n"
+                           + "\n".join(failed))
+    return rows
 
 
 def compare_guides(out_dir, *, guides: Sequence[str] = ("normal", "diagonal", "lowrank", "mvn", "iaf", "delta"),
-                   grid: GridConfig | None = None, progress: bool = True) -> list[dict]:
+                   grid: GridConfig | None = None, progress: bool = True, device: str | None = None) -> list[dict]:
     """Train ScalaBL with each autoguide on the default task; report ELBO, metrics, size and speed.
 
     ELBO is the mean per-example loss over the last 10% of steps (negative ELBO / N; for ``delta`` a MAP
@@ -265,7 +315,7 @@ def compare_guides(out_dir, *, guides: Sequence[str] = ("normal", "diagonal", "l
     for name in guides:
         pyro.clear_param_store()
         torch.manual_seed(0)
-        lm, tok = backbone_factory(grid.backbone)()
+        lm, tok = backbone_factory(grid.backbone, device)()
         net = AdaptedLM(lm, tok, label_words=train.label_words,
                         config=ScalaBLConfig(r=grid.r, scoring=grid.scoring, normalize=grid.normalize))
         model = ScalaBL(net, num_data=len(train))
@@ -285,7 +335,8 @@ def compare_guides(out_dir, *, guides: Sequence[str] = ("normal", "diagonal", "l
     return rows
 
 
-def demo(out_dir, *, grid: GridConfig | None = None, progress: bool = True, overwrite: bool = False) -> str:
+def demo(out_dir, *, grid: GridConfig | None = None, progress: bool = True, overwrite: bool = False,
+         device: str | None = None) -> str:
     """Fine-tune the default backbone on the default task with plain LoRA and ScalaBL; compare them.
 
     Writes per-run JSON, ``results.md`` and ``reliability.png`` (both models on one diagram) to ``out_dir``
@@ -301,7 +352,7 @@ def demo(out_dir, *, grid: GridConfig | None = None, progress: bool = True, over
         import shutil
 
         shutil.rmtree(out_dir)
-    rows = run_grid(grid, out_dir, progress=progress)
+    rows = run_grid(grid, out_dir, progress=progress, device=device)
     cols = ["eval", "method", "n", *METRIC_KEYS, "auroc_entropy", "auroc_mi", "extra_params"]
     table = format_table(rows, columns=cols)
     dataset, seed = grid.datasets[0], grid.seeds[0]

@@ -23,7 +23,7 @@ from pyro.infer.autoguide.initialization import init_to_median
 from pyro.infer.autoguide.utils import deep_setattr
 from pyro.nn import PyroModule, PyroParam
 
-__all__ = ["init_to_s0", "default_guide", "make_guide", "GUIDES", "AutoDelta"]
+__all__ = ["init_to_s0", "default_guide", "make_guide", "GUIDES", "AutoDelta", "AutoIAFNormal"]
 
 class AutoDelta(autoguide.AutoDelta):
     """Pyro's :class:`~pyro.infer.autoguide.AutoDelta` (MAP) with its point estimates kept under ``locs``.
@@ -59,12 +59,27 @@ class AutoDelta(autoguide.AutoDelta):
         return {name: operator.attrgetter(name)(self.locs).detach() for name, _ in self.prototype_trace.iter_stochastic_nodes()}
 
 
+class AutoIAFNormal(autoguide.AutoIAFNormal):
+    """Pyro's :class:`~pyro.infer.autoguide.AutoIAFNormal` with its flow created on the model's device.
+
+    Pyro builds the autoregressive network on the default device (CPU); here it follows the latent
+    sites, so the flow guide trains on a GPU like every other autoguide. Everything else is Pyro's.
+    """
+
+    def get_posterior(self, *args, **kwargs):
+        if self.transform is None:
+            _, site = next(self.prototype_trace.iter_stochastic_nodes())
+            self.transform = self._init_transform_fn(self.latent_dim).to(site["value"].device)
+            self._prototype_tensor = next(self.transform.parameters(), site["value"])
+        return super().get_posterior(*args, **kwargs)
+
+
 GUIDES = {
     "normal": autoguide.AutoNormal,
     "diagonal": autoguide.AutoDiagonalNormal,
     "lowrank": autoguide.AutoLowRankMultivariateNormal,
     "mvn": autoguide.AutoMultivariateNormal,
-    "iaf": autoguide.AutoIAFNormal,
+    "iaf": AutoIAFNormal,
     "delta": AutoDelta,
     "laplace": autoguide.AutoLaplaceApproximation,
 }

@@ -91,10 +91,11 @@ def save_run(path: str | os.PathLike, model, guide=None, *, guide_kind: str | No
     return path
 
 
-def load_run(path: str | os.PathLike, *, backbone=None, example_batch=None):
+def load_run(path: str | os.PathLike, *, backbone=None, example_batch=None, device=None):
     """Rebuild ``(model, guide, run_info)`` from :func:`save_run`'s directory; predictions match exactly.
 
     :param backbone: ``(model, tokenizer)`` to use instead of loading ``run["backbone"]`` again.
+    :param device: where to load the backbone (``"auto"``: CUDA if available; default CPU).
     :param example_batch: a collated batch used to create the guide's parameters (any one works);
         by default a one-question dummy batch.
     :raises ValueError: naming every tensor that is missing, unexpected or of the wrong shape.
@@ -110,7 +111,7 @@ def load_run(path: str | os.PathLike, *, backbone=None, example_batch=None):
     run = json.loads((path / "run.json").read_text(encoding="utf-8"))
     if run.get("format") != _FORMAT:
         raise ValueError(f"{path}: run format {run.get('format')} is not supported by this version ({_FORMAT})")
-    lm, tok = backbone if backbone is not None else load_backbone(run["backbone"])
+    lm, tok = backbone if backbone is not None else load_backbone(run["backbone"], device=device)
     config = ScalaBLConfig.from_dict(run["config"])
     is_bayes = run["model"] == "ScalaBL"
     net = AdaptedLM(lm, tok, label_words=run["label_words"], config=config, subspace=is_bayes)

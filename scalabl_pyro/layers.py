@@ -13,6 +13,7 @@ multiplies block ``p`` by ``s[p]``.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Iterator, Mapping
 
@@ -64,7 +65,17 @@ def add_lora(backbone: nn.Module, config: ScalaBLConfig, *, seed: int = 0):
     )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        return get_peft_model(backbone, lcfg)
+        peft_model = get_peft_model(backbone, lcfg)
+    # peft draws A on the layer's device, so CPU and GPU would start from different adapters. Redraw A
+    # (peft's Kaiming-uniform init, a=sqrt(5)) from a CPU generator: the same seed gives the same start anywhere.
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in lora_layers(peft_model).values():
+            w = layer.lora_A["default"].weight
+            a = torch.empty(w.shape, dtype=torch.float32)
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=gen)
+            w.copy_(a)
+    return peft_model
 
 
 def lora_layers(peft_model: nn.Module) -> dict[str, nn.Module]:
@@ -137,16 +148,20 @@ class Subspace:
             if n_in < r:
                 raise ValueError(f"{name}: in_features={n_in} is smaller than r={r}; lower r or drop this module")
             with torch.no_grad():
-                _, s0, vh = torch.linalg.svd(lora_A.weight.float(), full_matrices=False)
-                lora_A.weight.copy_(vh.to(lora_A.weight.dtype))
+                # On CPU in float64, with a fixed sign per row (largest entry positive): SVD signs differ
+                # between backends, and the same seed must give the same V on any device.
+                _, s0, vh = torch.linalg.svd(lora_A.weight.detach().double().cpu(), full_matrices=False)
+                vh = vh * vh.gather(1, vh.abs().argmax(1, keepdim=True)).sign()
+                lora_A.weight.copy_(vh.to(lora_A.weight))
+                s0 = s0.to(device=lora_A.weight.device, dtype=torch.float32)
             site = f"{name}.s"
             self.sites[site] = SubspaceSite(name, site, layer, lora_A, lora_B, s0.detach().clone())
             self._handles.append(lora_A.register_forward_hook(self._make_hook(site)))
 
     @property
     def s0(self) -> dict[str, torch.Tensor]:
-        """Initial ``s`` per site (the singular values): ``{site: (r,)}``."""
-        return {k: v.s0 for k, v in self.sites.items()}
+        """Initial ``s`` per site (the singular values): ``{site: (r,)}``, on the adapter's device."""
+        return {k: v.s0.to(v.lora_A.weight.device) for k, v in self.sites.items()}
 
     def adapters(self) -> nn.ModuleDict:
         """The trainable projections only (``V`` and ``B`` per site; ``B`` only for BLoB), for ``pyro.module``."""
@@ -178,7 +193,7 @@ class Subspace:
             s = self._values[site]
             if self.latent == "A":
                 return self._apply_A(site, args[0], s, out)
-            s = s.reshape(-1, s.shape[-1]).to(out.dtype)
+            s = s.reshape(-1, s.shape[-1]).to(device=out.device, dtype=out.dtype)
             p = s.shape[0]
             if p == 1:
                 return out * s[0]
@@ -191,7 +206,7 @@ class Subspace:
 
     @staticmethod
     def _apply_A(site, x, a, out):
-        a = a.reshape((-1,) + a.shape[-2:]).to(x.dtype)  # (P, r, in)
+        a = a.reshape((-1,) + a.shape[-2:]).to(device=x.device, dtype=x.dtype)  # (P, r, in)
         p = a.shape[0]
         if x.shape[0] % p:
             raise RuntimeError(f"{site}: batch of {x.shape[0]} rows is not a multiple of {p} particles")

@@ -96,7 +96,7 @@ def _predict_mc_dropout(net: AdaptedLM, examples, S: int, batch_size: int) -> Pr
             for i in range(0, len(examples), batch_size):
                 part = examples[i:i + batch_size]
                 batch = net.collate(part)
-                chunks.append(net.logits(batch, repeats=S).softmax(-1))
+                chunks.append(net.logits(batch, repeats=S).softmax(-1).float().cpu())
                 labels.append(batch["labels"])
                 ids.extend(str(getattr(ex, "id", "")) for ex in part)
     finally:
@@ -120,13 +120,13 @@ def laplace_guide(model: ScalaBL, map_guide: AutoLaplaceApproximation, examples:
     idx = torch.randperm(n_all, generator=gen)[:max_examples].tolist()
     loc = map_guide.loc
     D = loc.numel()
-    F = torch.zeros(D, D, dtype=torch.float64)
+    F = torch.zeros(D, D, dtype=torch.float64, device=loc.device)
     for i in idx:
         b = model.net.collate([examples[i]])
         gtr = poutine.trace(map_guide).get_trace(b)
         mtr = poutine.trace(poutine.replay(model, trace=gtr)).get_trace(b)
         logits = mtr.nodes["obs"]["fn"].logits.reshape(-1)
-        y = torch.multinomial(logits.detach().softmax(-1), 1, generator=gen)[0]  # label from the MAP predictive
+        y = int(torch.multinomial(logits.detach().float().softmax(-1).cpu(), 1, generator=gen)[0])  # label ~ MAP predictive
         g = torch.autograd.grad(torch.log_softmax(logits, -1)[y], loc)[0].double()
         F += torch.outer(g, g)
     F *= n_all / len(idx)
@@ -140,7 +140,7 @@ def laplace_guide(model: ScalaBL, map_guide: AutoLaplaceApproximation, examples:
 
     with poutine.block():
         Hp = torch.autograd.functional.hessian(neg_log_prior, loc.detach()).double()
-    H = F + Hp + jitter * torch.eye(D, dtype=torch.float64)
+    H = F + Hp + jitter * torch.eye(D, dtype=torch.float64, device=F.device)
     with torch.no_grad():
         cov = torch.linalg.inv(H)
         scale = cov.diagonal().sqrt()
@@ -197,7 +197,7 @@ def fit_bayesadapt_recipe(model: ScalaBL, guide, examples: Sequence, *, config: 
             g["lr"] = config.lr * lin(step + 1)
         gtr = poutine.trace(guide).get_trace(batch, batch["labels"])
         mtr = poutine.trace(poutine.replay(model, trace=gtr)).get_trace(batch, batch["labels"])
-        nll = -mtr.nodes["obs"]["fn"].log_prob(batch["labels"]).mean()
+        nll = -mtr.nodes["obs"]["fn"].log_prob(mtr.nodes["obs"]["value"]).mean()
         nll_opt.zero_grad()
         nll.backward()
         nll_opt.step()

@@ -26,7 +26,7 @@ __all__ = ["classification_metrics", "calibration_bins", "uncertainty_decomposit
 
 def _check(probs: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     """Validate ``probs`` (N, C) and ``labels`` (N,); raise ValueError saying how to fix."""
-    probs, labels = torch.as_tensor(probs), torch.as_tensor(labels)
+    probs, labels = torch.as_tensor(probs).detach().cpu(), torch.as_tensor(labels).cpu()
     if probs.dim() != 2:
         raise ValueError(f"probs must be 2-D (N, C), got shape {tuple(probs.shape)}; stack per-example rows first")
     if not probs.is_floating_point():

@@ -78,6 +78,8 @@ class LoRAModel:
         B = logits.shape[-2]
         if labels is not None and labels.shape != (B,):
             raise ValueError(f"labels must have shape ({B},) to match the batch, got {tuple(labels.shape)}")
+        if labels is not None:
+            labels = labels.to(logits.device)
         with pyro.plate(DATA_PLATE, size=num_data or self.num_data or B,
                         subsample=torch.arange(B, device=logits.device), dim=-1):
             pyro.deterministic(PROBS_SITE, logits.softmax(-1), event_dim=1)
@@ -87,7 +89,7 @@ class LoRAModel:
         pyro.module(self.name, self._adapters)
         B = batch["labels"].shape[0]
         if _in_shape_pass():
-            logits = torch.zeros(B, self.num_classes)
+            logits = torch.zeros(B, self.num_classes, device=self.net.device)
         else:
             logits = self.net.logits(batch)[0]
         return self._likelihood(logits, labels, num_data)
@@ -155,7 +157,7 @@ class ScalaBL(LoRAModel):
         out_lead = lead[:-1] if lead and lead[-1] == 1 else lead
         B, C = batch["labels"].shape[0], self.num_classes
         if _in_shape_pass():
-            logits = torch.zeros(*out_lead, B, C)
+            logits = torch.zeros(*out_lead, B, C, device=self.net.device)
         else:
             flat = {}
             for k, v in s.items():

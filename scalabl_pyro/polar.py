@@ -206,7 +206,7 @@ class PolarVBLL(LoRAModel):
         """Last-position hidden states ``(B, H)``: one decoder pass (chunked by ``max_forward_batch``)."""
         net, bs, out = self.net, self.net.config.max_forward_batch, []
         for b0 in range(0, batch["input_ids"].shape[0], bs):
-            ids, mask = batch["input_ids"][b0:b0 + bs], batch["attention_mask"][b0:b0 + bs]
+            ids, mask = batch["input_ids"][b0:b0 + bs].to(net.device), batch["attention_mask"][b0:b0 + bs].to(net.device)
             h = net._decode(input_ids=ids, attention_mask=mask, position_ids=net._positions(mask), use_cache=False)
             out.append(h.last_hidden_state[:, -1])
         return torch.cat(out)
@@ -218,7 +218,7 @@ class PolarVBLL(LoRAModel):
 
     def __call__(self, batch, labels=None, *, num_data: int | None = None):
         pyro.module(self.name, self._adapters)
-        prior = dist.Normal(self.prior_loc, self.prior_scale).to_event(2)
+        prior = dist.Normal(self.prior_loc.to(self.net.device), self.prior_scale).to_event(2)
         with poutine.scale(scale=self.kl_weight) if self.kl_weight != 1.0 else contextlib.nullcontext():
             W = pyro.sample(HEAD_SITE, prior)
         lead = W.shape[:-2]
@@ -227,7 +227,7 @@ class PolarVBLL(LoRAModel):
         out_lead = lead[:-1] if lead and lead[-1] == 1 else lead
         B, C = batch["labels"].shape[0], self.num_classes
         if _in_shape_pass():  # autoguide / Predictive shape passes: skip the decoder
-            logits = torch.zeros(*out_lead, B, C)
+            logits = torch.zeros(*out_lead, B, C, device=self.net.device)
         else:
             logits = self.head_logits(self.hidden(batch), W.reshape(-1, *W.shape[-2:]))
             logits = logits.masked_fill(~batch["choice_mask"].bool(), float("-inf")).reshape(*out_lead, B, C)

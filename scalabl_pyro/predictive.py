@@ -80,7 +80,7 @@ def predict(model, guide, examples: Sequence, *, num_samples: int = 10, batch_si
             # Labels are passed so that a guide run here for the first time sees `obs` as observed;
             # the probabilities do not depend on them.
             probs = predictive(batch, batch["labels"])[PROBS_SITE]
-            chunks.append(probs.reshape(S, len(part), -1).float())
+            chunks.append(probs.reshape(S, len(part), -1).float().cpu())
             labels.append(batch["labels"])
             ids.extend(str(getattr(ex, "id", i + j)) for j, ex in enumerate(part))
     return Prediction(torch.cat(chunks, 1), torch.cat(labels), ids)

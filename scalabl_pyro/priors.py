@@ -6,7 +6,8 @@ A prior may be given as
 * a dict ``{site_name: Distribution}`` (sites not listed fall back to the ``default`` prior),
 * a callable ``(site_name, module) -> Distribution``,
 
-and :func:`normalize_prior` turns any of them into the callable form with event shape ``(r,)``.
+and :func:`normalize_prior` turns any of them into the callable form with event shape ``(r,)``, on the
+adapted module's device (tensors of a prior written with CPU floats are moved there).
 Ready-made priors: :func:`isotropic_normal` (default), :func:`laplace_prior` (sparsity),
 :func:`student_t_prior` (heavy tails), and :class:`LayerScalePrior` (a learned per-layer scale,
 type-II maximum likelihood).
@@ -34,19 +35,52 @@ PriorFn = Callable[[str, torch.nn.Module], dist.Distribution]
 PriorSpec = Union[None, dist.Distribution, Mapping[str, dist.Distribution], PriorFn]
 
 
+def _fixed(fn: PriorFn) -> PriorFn:
+    fn.fixed = True  # same Distribution on every call: normalize_prior may cache it per site and device
+    return fn
+
+
 def isotropic_normal(scale: float = 1.0) -> PriorFn:
     """``Normal(0, scale)`` on every coordinate of every site (the default, ``scale=1``)."""
-    return lambda site, module: dist.Normal(0.0, float(scale))
+    return _fixed(lambda site, module: dist.Normal(0.0, float(scale)))
 
 
 def laplace_prior(scale: float = 1.0) -> PriorFn:
     """``Laplace(0, scale)``: favours sparse ``s`` (few active directions per layer)."""
-    return lambda site, module: dist.Laplace(0.0, float(scale))
+    return _fixed(lambda site, module: dist.Laplace(0.0, float(scale)))
 
 
 def student_t_prior(df: float = 3.0, scale: float = 1.0) -> PriorFn:
     """``StudentT(df, 0, scale)``: heavy tails let a few directions grow large."""
-    return lambda site, module: dist.StudentT(float(df), 0.0, float(scale))
+    return _fixed(lambda site, module: dist.StudentT(float(df), 0.0, float(scale)))
+
+
+def _device_of(module) -> torch.device | None:
+    try:
+        return next(module.parameters()).device
+    except (AttributeError, StopIteration, TypeError):
+        return None
+
+
+def _to_device(d: dist.Distribution, device: torch.device | None, site: str) -> dist.Distribution:
+    """``d`` with its parameter tensors on ``device`` (priors are usually written with CPU floats)."""
+    tensors = [v for v in vars(d).values() if isinstance(v, torch.Tensor)]
+    if device is None or all(v.device == device for v in tensors):
+        if not isinstance(d, (dist.Independent, dist.ExpandedDistribution)):
+            return d
+    if isinstance(d, dist.Independent):
+        return dist.Independent(_to_device(d.base_dist, device, site), d.reinterpreted_batch_ndims)
+    if isinstance(d, dist.ExpandedDistribution):
+        return _to_device(d.base_dist, device, site).expand(d.batch_shape)
+    names = [k for k in d.arg_constraints if isinstance(vars(d).get(k), torch.Tensor)]
+    try:
+        return type(d)(**{k: vars(d)[k].to(device) for k in names})
+    except Exception as e:  # noqa: BLE001 - any failure means: build it on the device yourself
+        raise ValueError(
+            f"the prior for {site!r} ({type(d).__name__}) has tensors on {tensors[0].device if tensors else '?'} but "
+            f"the model is on {device}, and it could not be moved ({e}). Build it with tensors on {device}, "
+            "e.g. dist.Normal(torch.tensor(0., device=dev), 1.)"
+        ) from None
 
 
 class LayerScalePrior:
@@ -64,7 +98,8 @@ class LayerScalePrior:
         self.init, self.hyper_scale = float(init), float(hyper_scale)
 
     def __call__(self, site: str, module) -> dist.Distribution:
-        sigma = pyro.param(f"prior_scale.{site}", lambda: torch.tensor(self.init), constraint=constraints.positive)
+        sigma = pyro.param(f"prior_scale.{site}", lambda: torch.tensor(self.init, device=_device_of(module)),
+                           constraint=constraints.positive)
         pyro.factor(f"prior_scale.{site}.hyper", dist.LogNormal(0.0, self.hyper_scale).log_prob(sigma))
         return dist.Normal(0.0, sigma)
 
@@ -93,16 +128,20 @@ def normalize_prior(prior: PriorSpec, *, default: PriorFn | None = None) -> Call
         fn("model.layers.0.self_attn.q_proj.s", module, (8,)).event_shape == (8,)
     """
     default = default or isotropic_normal(1.0)
+    fixed = prior is None and getattr(default, "fixed", False)
     if prior is None:
         base = default
     elif isinstance(prior, dist.Distribution):
+        fixed = True
         base = lambda site, module: prior  # noqa: E731
     elif isinstance(prior, Mapping):
         bad = [k for k, v in prior.items() if not isinstance(v, dist.Distribution)]
         if bad:
             raise TypeError(f"prior dict values must be Distributions; not for {bad}")
+        fixed = getattr(default, "fixed", False)
         base = lambda site, module: prior[site] if site in prior else default(site, module)  # noqa: E731
     elif callable(prior):
+        fixed = getattr(prior, "fixed", False)
         base = prior
     else:
         raise TypeError(
@@ -110,11 +149,21 @@ def normalize_prior(prior: PriorSpec, *, default: PriorFn | None = None) -> Call
             f"got {type(prior).__name__}"
         )
 
+    cache: dict = {}
+
     def fn(site: str, module, event_shape) -> dist.Distribution:
         shape = (event_shape,) if isinstance(event_shape, int) else tuple(event_shape)
+        device = _device_of(module)
+        key = (site, shape, device, torch.distributions.Distribution._validate_args)  # expand() freezes the validation flag
+        if key in cache:
+            return cache[key]
         d = base(site, module)
         if not isinstance(d, dist.Distribution):
             raise TypeError(f"the prior callable returned {type(d).__name__} for {site!r}, not a Distribution")
-        return _as_event(d, shape, site)
+        d = _as_event(_to_device(d, device, site), shape, site)
+        if fixed:
+            cache[key] = d
+        return d
 
+    fn.fixed = fixed
     return fn

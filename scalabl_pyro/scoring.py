@@ -88,6 +88,11 @@ class AdaptedLM:
         self.forward_calls = 0  # backbone (decoder) calls
         self.forward_rows = 0  # sequences through the decoder
 
+    @property
+    def device(self) -> torch.device:
+        """Where the backbone's parameters live; :meth:`logits` moves batches and ``s`` there."""
+        return next(self.peft_model.parameters()).device
+
     # ------------------------------------------------------------------ data
     def collate(self, examples: Sequence) -> dict[str, torch.Tensor]:
         """Tokenize examples (objects with ``prompt``, ``context``, ``continuations``, ``choices``, ``label``).
@@ -161,6 +166,10 @@ class AdaptedLM:
         """
         if self.subspace is not None and s is None:
             raise ValueError("this ScalaBL network needs s values: call it through the ScalaBL Pyro model")
+        dev = self.device
+        batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
+        if s is not None:
+            s = {k: v.to(dev) for k, v in s.items()}
         if s is None:
             P = repeats
         else:

@@ -57,9 +57,11 @@ def make_optimizer(config: TrainConfig, *, model_prefix: str = "scalabl"):
     prefixes = (model_prefix + "$$$", model_prefix + ".")
 
     def per_param(name: str) -> dict:
+        # fused=True: one kernel per update instead of ~12 (Pyro builds one optimizer per tensor; on a GPU
+        # the launches of hundreds of small updates otherwise cost more than the adapters' compute).
         if name.startswith(prefixes):
-            return {"lr": config.lr, "weight_decay": config.weight_decay}
-        return {"lr": config.guide_lr, "weight_decay": 0.0}
+            return {"lr": config.lr, "weight_decay": config.weight_decay, "fused": True}
+        return {"lr": config.guide_lr, "weight_decay": 0.0, "fused": True}
 
     clip = {"clip_norm": config.clip_norm} if config.clip_norm > 0 else None
     return pyro.optim.LambdaLR(
@@ -123,24 +125,25 @@ def fit(model, guide, examples: Sequence, *, config: TrainConfig = TrainConfig()
     t0 = time.perf_counter()
     running = None
     try:
-        for step in bar:
-            if pos + config.batch_size > n:
-                order, pos = torch.randperm(n, generator=gen), 0
-            idx = order[pos:pos + config.batch_size].tolist()
-            pos += config.batch_size
-            batch = model.net.collate([examples[i] for i in idx])
-            if hasattr(model, "kl_weight"):
-                model.kl_weight = config.kl_weight * (min(1.0, (step + 1) / anneal) if anneal else 1.0)
-            loss = svi.step(batch, batch["labels"], num_data=n) / n
-            optim.step()
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"the ELBO became {loss} at step {step}; lower lr/guide_lr or raise clip_norm")
-            result.losses.append(loss)
-            running = loss if running is None else 0.9 * running + 0.1 * loss
-            if progress:
-                bar.set_postfix(loss=f"{running:.4f}")
-            if callback is not None:
-                callback(step, loss)
+        with pyro.validation_enabled(config.validate):
+            for step in bar:
+                if pos + config.batch_size > n:
+                    order, pos = torch.randperm(n, generator=gen), 0
+                idx = order[pos:pos + config.batch_size].tolist()
+                pos += config.batch_size
+                batch = model.net.collate([examples[i] for i in idx])
+                if hasattr(model, "kl_weight"):
+                    model.kl_weight = config.kl_weight * (min(1.0, (step + 1) / anneal) if anneal else 1.0)
+                loss = svi.step(batch, batch["labels"], num_data=n) / n
+                optim.step()
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"the ELBO became {loss} at step {step}; lower lr/guide_lr or raise clip_norm")
+                result.losses.append(loss)
+                running = loss if running is None else 0.9 * running + 0.1 * loss
+                if progress:
+                    bar.set_postfix(loss=f"{running:.4f}")
+                if callback is not None:
+                    callback(step, loss)
     finally:
         if hasattr(model, "kl_weight"):
             model.kl_weight = 1.0

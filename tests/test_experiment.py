@@ -40,6 +40,26 @@ def test_grid_writes_results_and_resumes(tmp_path, monkeypatch):
     assert (tmp_path / "countries" / "scalabl" / "seed0" / "result.json").stat().st_mtime_ns == before
 
 
+def test_grid_with_worker_processes_matches_sequential(tmp_path):
+    grid = tiny_grid(methods=("mle", "scalabl", "map"), seeds=(0,))
+    run_grid(grid, tmp_path / "seq", progress=False)
+    run_grid(grid, tmp_path / "par", progress=False, workers=2)
+    seq = {r["method"]: r["metrics"] for r in load_results(tmp_path / "seq")}
+    par = {r["method"]: r["metrics"] for r in load_results(tmp_path / "par")}
+    assert sorted(par) == ["map", "mle", "scalabl"]
+    for method, metrics in seq.items():  # same seeds, same data: the same numbers in another process
+        for k in ("acc", "ece", "nll", "brier"):
+            assert par[method]["countries"][k] == pytest.approx(metrics["countries"][k], abs=1e-5)
+    assert (tmp_path / "par" / "results.md").read_text().count("| countries | countries |") == 3
+
+
+def test_grid_workers_report_failures_and_keep_the_rest(tmp_path):
+    grid = tiny_grid(methods=("mle",), datasets=("countries", "no_such_set"), ood={})
+    with pytest.raises(RuntimeError, match=r"(?s)1 of 2 runs failed.*no_such_set/mle/seed0"):
+        run_grid(grid, tmp_path, progress=False, workers=2)
+    assert [r["dataset"] for r in load_results(tmp_path)] == ["countries"]
+
+
 def test_summarize_mean_and_std():
     mk = lambda seed, acc: {"dataset": "d", "method": "mle", "seed": seed, "extra_params": 0,  # noqa: E731
                             "metrics": {"d": {"n": 4, "acc": acc, "ece": 0.1, "nll": 1.0, "brier": 0.5}}}

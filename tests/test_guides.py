@@ -18,7 +18,8 @@ from scalabl_pyro.train import fit
 GUIDE_CLASSES = {
     "normal": autoguide.AutoNormal, "diagonal": autoguide.AutoDiagonalNormal,
     "lowrank": autoguide.AutoLowRankMultivariateNormal, "mvn": autoguide.AutoMultivariateNormal,
-    "iaf": autoguide.AutoIAFNormal, "laplace": autoguide.AutoLaplaceApproximation,
+    "iaf": scalabl_guides.AutoIAFNormal,  # Pyro's, with the flow created on the model's device
+    "laplace": autoguide.AutoLaplaceApproximation,
     "delta": scalabl_guides.AutoDelta,  # Pyro's AutoDelta with params kept under locs (see guides.py)
 }
 
