@@ -278,7 +278,7 @@ def build_lora(lm, tok, config):
     opt = torch.optim.AdamW(params, lr=1e-3, fused=True)
 
     def step(batch):
-        loss = torch.nn.functional.cross_entropy(net.logits(batch)[0], batch["labels"])
+        loss = torch.nn.functional.cross_entropy(net.logits(batch)[0], batch["labels"].to(_DEVICE))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

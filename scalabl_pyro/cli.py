@@ -52,8 +52,13 @@ def cmd_benchmark(args) -> int:
 
     base = GridConfig.load(args.config) if args.config else GridConfig()
     grid = GridConfig.from_dict({**base.to_dict(), **_grid_overrides(args)})
-    rows = run_grid(grid, args.out, progress=not args.quiet, overwrite=args.overwrite, report=args.report,
-                    device=args.device, workers=args.workers)
+    if args.no_run:
+        from .experiment import report_grid
+
+        rows = report_grid(grid, args.out, report=args.report)
+    else:
+        rows = run_grid(grid, args.out, progress=not args.quiet, overwrite=args.overwrite, report=args.report,
+                        device=args.device, workers=args.workers)
     print(format_table(rows))
     return 0
 
@@ -141,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="grid JSON (see GridConfig); command-line options override it")
     p.add_argument("--out", default="runs/benchmark")
     p.add_argument("--report", default=None, help="also write a Markdown report (e.g. bench/RESULTS.md)")
+    p.add_argument("--no-run", action="store_true", help="only rebuild the tables and report from finished runs")
     p.add_argument("--workers", type=int, default=1, help="runs at once, each in its own process (e.g. 8 on one GPU)")
     _add_common(p)
     p.set_defaults(fn=cmd_benchmark)

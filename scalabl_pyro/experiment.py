@@ -30,7 +30,7 @@ from .methods import METHODS, train_method
 from .metrics import ece_accuracy_plot, format_table, ood_auroc, reliability_diagram
 from .tasks import country_task
 
-__all__ = ["GridConfig", "resolve_task", "run_one", "run_grid", "summarize", "demo", "compare_guides", "DEMO_METHODS"]
+__all__ = ["GridConfig", "resolve_task", "run_one", "run_grid", "report_grid", "summarize", "demo", "compare_guides", "DEMO_METHODS"]
 
 METRIC_KEYS = ("acc", "ece", "nll", "brier")
 DEMO_METHODS = ("mle", "scalabl")
@@ -191,7 +191,10 @@ def summarize(results: Sequence[dict]) -> list[dict]:
 
 def report_header(grid: GridConfig, results: Sequence[dict]) -> str:
     """Budget, hardware, date and the command that regenerates the table."""
-    hw = results[0]["hardware"] if results else "?"
+    hw_runs: dict[str, int] = {}
+    for r in results:
+        hw_runs[r["hardware"]] = hw_runs.get(r["hardware"], 0) + 1
+    hw = "; ".join(f"{h} ({n} runs)" for h, n in hw_runs.items()) or "?"
     dates = sorted({r["date"] for r in results}) or ["?"]
     secs = sum(r["fit_seconds"] + r["eval_seconds"] for r in results)
     return "\n".join([
@@ -201,7 +204,7 @@ def report_header(grid: GridConfig, results: Sequence[dict]) -> str:
         f"Training sets capped at {grid.train_limit or 'all'} examples, each evaluation set at "
         f"{grid.test_limit or 'all'} (seeded subsets). Seeds per cell: see `seeds`. ECE uses 15 equal-width bins.",
         f"Finished runs: {len(results)} of {len(grid.methods) * len(grid.datasets) * len(grid.seeds)} in the grid; "
-        f"compute {secs / 3600:.1f} h on {hw}; dates {dates[0]} to {dates[-1]}.",
+        f"compute {secs / 3600:.1f} h on: {hw}; dates {dates[0]} to {dates[-1]}.",
         *([grid.note] if grid.note else []),
         "OOD columns: AUROC of predictive entropy / mutual information for telling the training set's test "
         "questions from the evaluation set's.",
@@ -229,6 +232,15 @@ def _write_tables(out_dir: Path, results: list[dict], grid: GridConfig | None = 
               for r in results for ev, m in r["metrics"].items()]
     ece_accuracy_plot(points, out_dir / "ece_vs_acc.png", title="ECE vs accuracy")
     return rows
+
+
+def report_grid(grid: GridConfig, out_dir, *, report: str | os.PathLike | None = None) -> list[dict]:
+    """Rebuild ``results.md``/``.csv``, the ECE-vs-accuracy plot and ``report`` from the finished runs only.
+
+    Runs done elsewhere (another machine, a GPU) can be copied into ``out_dir`` first: each
+    ``result.json`` records its hardware, and the report lists them.
+    """
+    return _write_tables(Path(out_dir), load_results(out_dir), grid, report)
 
 
 def _run_cell(args) -> tuple[str, str | None]:

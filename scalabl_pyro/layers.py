@@ -13,7 +13,6 @@ multiplies block ``p`` by ``s[p]``.
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 from typing import Iterator, Mapping
 
@@ -63,19 +62,11 @@ def add_lora(backbone: nn.Module, config: ScalaBLConfig, *, seed: int = 0):
         r=config.r, lora_alpha=config.alpha, target_modules=list(found), lora_dropout=config.lora_dropout,
         bias="none",
     )
+    # peft draws the adapters on the CPU (then moves them to the layer's device): the same seed gives the
+    # same start on any device.
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        peft_model = get_peft_model(backbone, lcfg)
-    # peft draws A on the layer's device, so CPU and GPU would start from different adapters. Redraw A
-    # (peft's Kaiming-uniform init, a=sqrt(5)) from a CPU generator: the same seed gives the same start anywhere.
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in lora_layers(peft_model).values():
-            w = layer.lora_A["default"].weight
-            a = torch.empty(w.shape, dtype=torch.float32)
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=gen)
-            w.copy_(a)
-    return peft_model
+        return get_peft_model(backbone, lcfg)
 
 
 def lora_layers(peft_model: nn.Module) -> dict[str, nn.Module]:

@@ -31,6 +31,21 @@ def test_train_then_evaluate(tmp_path, capsys):
     assert "already holds a run" in capsys.readouterr().err
 
 
+def test_benchmark_runs_then_reports_without_running(tmp_path, capsys):
+    out, report = tmp_path / "grid", tmp_path / "RESULTS.md"
+    assert main(["benchmark", "--out", str(out), "--report", str(report), "--device", "cpu", *TINY]) == 0
+    assert sorted(p.parent.parent.name for p in out.glob("countries/*/seed0/result.json")) == ["mle", "scalabl"]
+    result = json.loads((out / "countries" / "mle" / "seed0" / "result.json").read_text())
+    assert "cores" in result["hardware"] and "torch" in result["hardware"]
+    # a run copied in from another machine shows up in the rebuilt report, and nothing is run again
+    (out / "countries" / "scalabl" / "seed0" / "result.json").unlink()
+    (out / "results.md").unlink()
+    assert main(["benchmark", "--out", str(out), "--report", str(report), "--no-run", *TINY]) == 0
+    assert not (out / "countries" / "scalabl" / "seed0" / "result.json").exists()
+    assert "| countries | countries | mle |" in (out / "results.md").read_text()
+    assert "Finished runs: 1 of 2" in report.read_text() and "(1 runs)" in report.read_text()
+
+
 @pytest.mark.parametrize("argv, message", [
     (["train", "--dataset", "openbookqaa"], "openbookqa"),
     (["evaluate", "/nonexistent/run"], "not a run directory"),
