@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import pyro
 import torch
 from pyro.infer import Predictive
 
@@ -47,7 +48,7 @@ class Prediction:
 
 
 def predict(model, guide, examples: Sequence, *, num_samples: int = 10, batch_size: int = 8,
-            parallel: bool = True, progress: bool = False) -> Prediction:
+            parallel: bool = True, progress: bool = False, validate: bool = False) -> Prediction:
     """Posterior predictive class probabilities for ``examples``.
 
     :param model: a :class:`~scalabl_pyro.model.ScalaBL` (or :class:`~scalabl_pyro.model.LoRAModel`).
@@ -55,6 +56,7 @@ def predict(model, guide, examples: Sequence, *, num_samples: int = 10, batch_si
     :param examples: objects accepted by ``model.net.collate``.
     :param num_samples: ``S`` posterior samples per example.
     :param parallel: vectorize the samples (one batched forward) instead of a loop over them.
+    :param validate: keep Pyro's distribution checks on (off by default: on a GPU each is a sync).
 
     Example::
 
@@ -73,7 +75,7 @@ def predict(model, guide, examples: Sequence, *, num_samples: int = 10, batch_si
         from tqdm.auto import tqdm
 
         it = tqdm(it, desc=f"predict ({S} samples)", leave=False)
-    with torch.no_grad():
+    with torch.no_grad(), pyro.validation_enabled(validate):
         for i in it:
             part = examples[i:i + batch_size]
             batch = model.net.collate(part)
