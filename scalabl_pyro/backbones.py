@@ -105,6 +105,7 @@ def load_backbone(name_or_path: str = DEFAULT_BACKBONE, *, dtype: torch.dtype = 
 
         model, tok = load_backbone("smollm2")
     """
+    dev = resolve_device(device) if device is not None else None  # a bad device fails before any loading
     if name_or_path.lower() in _ALIASES:
         model, tok = _load_smollm2(dtype)
     else:
@@ -119,8 +120,8 @@ def load_backbone(name_or_path: str = DEFAULT_BACKBONE, *, dtype: torch.dtype = 
                 f"nor reachable on the Hugging Face hub ({e.__class__.__name__}). Pass a local path, or "
                 f"'{DEFAULT_BACKBONE}' for the embedded SmolLM2-135M-Instruct."
             ) from None
-    if device is not None:
-        model = model.to(resolve_device(device))
+    if dev is not None:
+        model = model.to(dev)
     return _prepare(model, tok)
 
 

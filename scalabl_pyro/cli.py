@@ -19,6 +19,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-samples", type=int, default=None, help="posterior samples at test time (default 10)")
     p.add_argument("--train-limit", type=int, default=None)
     p.add_argument("--test-limit", type=int, default=None)
+    p.add_argument("--seeds", default=None, help="comma-separated seeds, e.g. 0,1,2 (tables show mean ± std)")
     p.add_argument("--data-dir", default=None, help="folder with the benchmark JSONL files (default ../shared/data)")
     p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -30,6 +31,11 @@ def _grid_overrides(args, **extra) -> dict:
             "guide_lr": "guide_lr", "scoring": "scoring", "num_samples": "num_samples",
             "train_limit": "train_limit", "test_limit": "test_limit", "data_dir": "data_dir"}
     out = {v: getattr(args, k) for k, v in keys.items() if getattr(args, k, None) is not None}
+    if getattr(args, "seeds", None):
+        try:
+            out["seeds"] = tuple(int(x) for x in args.seeds.split(","))
+        except ValueError:
+            raise ValueError(f"--seeds {args.seeds!r}: give integers separated by commas, e.g. 0,1,2") from None
     out.update({k: v for k, v in extra.items() if v is not None})
     return out
 

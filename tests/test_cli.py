@@ -51,6 +51,8 @@ def test_benchmark_runs_then_reports_without_running(tmp_path, capsys):
     (["evaluate", "/nonexistent/run"], "not a run directory"),
     (["train", "--backbone", "/nonexistent/model"], "Could not load the model"),
     (["demo", "--scoring", "choice", "--steps", "0"], "steps"),
+    (["demo", "--seeds", "0,x"], "give integers separated by commas"),
+    (["demo", "--device", "gpu0"], "is not a device"),
 ])
 def test_bad_input_is_a_clear_error(argv, message, tmp_path, capsys):
     code = main([*argv, "--out", str(tmp_path / "x"), "--quiet"]) if argv[0] != "evaluate" else main(argv)
