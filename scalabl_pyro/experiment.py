@@ -1,6 +1,6 @@
 """Experiments: one run (train a method, evaluate in and out of distribution), a resumable grid, the demo.
 
-A run writes ``<out>/<train_set>/<method>/seed<k>/result.json`` (atomically) and a reliability
+A run writes ``<out>/<train_set>.<method>.seed<k>/result.json`` (atomically; see :func:`run_dir`) and a reliability
 diagram; a grid skips runs whose ``result.json`` exists and re-aggregates every finished run into
 ``results.md`` / ``results.csv``.
 """
@@ -30,7 +30,8 @@ from .methods import METHODS, train_method
 from .metrics import ece_accuracy_plot, format_table, ood_auroc, reliability_diagram
 from .tasks import country_task
 
-__all__ = ["GridConfig", "resolve_task", "run_one", "run_grid", "report_grid", "summarize", "demo", "compare_guides", "DEMO_METHODS"]
+__all__ = ["GridConfig", "resolve_task", "run_dir", "run_one", "run_grid", "report_grid", "summarize", "demo",
+           "compare_guides", "DEMO_METHODS"]
 
 METRIC_KEYS = ("acc", "ece", "nll", "brier")
 DEMO_METHODS = ("mle", "scalabl")
@@ -112,14 +113,19 @@ def _label_words(tasks: Sequence[TaskData]) -> tuple[str, ...]:
     return tuple(words)
 
 
+def run_dir(out_dir, dataset: str, method: str, seed: int) -> Path:
+    """``<out_dir>/<dataset>.<method>.seed<k>``: one flat folder per run (its ``result.json`` marks it finished)."""
+    return Path(out_dir) / f"{dataset}.{method}.seed{seed}"
+
+
 def run_one(grid: GridConfig, method: str, dataset: str, seed: int, out_dir, *, progress: bool = True,
             overwrite: bool = False, device: str | None = None) -> dict:
     """Train ``method`` on ``dataset``'s train split and evaluate it; write ``result.json`` atomically.
 
     :param device: where to run (``"auto"``: CUDA if available; default CPU); recorded in ``hardware``.
     """
-    run_dir = Path(out_dir) / dataset / method / f"seed{seed}"
-    result_path = run_dir / "result.json"
+    folder = run_dir(out_dir, dataset, method, seed)
+    result_path = folder / "result.json"
     if result_path.exists() and not overwrite:
         return json.loads(result_path.read_text())
     train = resolve_task(dataset, "train", data_dir=grid.data_dir, limit=grid.train_limit, seed=seed)
@@ -154,20 +160,20 @@ def run_one(grid: GridConfig, method: str, dataset: str, seed: int, out_dir, *, 
         "date": datetime.date.today().isoformat(),
         "hardware": _hardware(device),
     }
-    run_dir.mkdir(parents=True, exist_ok=True)
-    reliability_diagram(ind.mean_probs, ind.labels, run_dir / "reliability.png", title=f"{method} on {dataset}")
+    folder.mkdir(parents=True, exist_ok=True)
+    reliability_diagram(ind.mean_probs, ind.labels, folder / "reliability.png", title=f"{method} on {dataset}")
     tensors = {}
     for name, pred in preds.items():
         tensors[f"{name}.mean_probs"] = pred.mean_probs.contiguous()
         tensors[f"{name}.labels"] = pred.labels.contiguous()
-    with atomic_path(run_dir / "predictions.safetensors") as tmp:
+    with atomic_path(folder / "predictions.safetensors") as tmp:
         save_file(tensors, str(tmp))
     atomic_write_json(result_path, result)
     return result
 
 
 def load_results(out_dir) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(Path(out_dir).glob("*/*/seed*/result.json"))]
+    return [json.loads(p.read_text()) for p in sorted(Path(out_dir).glob("*.seed*/result.json"))]
 
 
 def summarize(results: Sequence[dict]) -> list[dict]:
@@ -247,7 +253,7 @@ def _run_cell(args) -> tuple[str, str | None]:
     """Worker of :func:`run_grid` (a fresh process: its own Pyro param store). Returns ``(cell, error)``."""
     grid_dict, method, dataset, seed, out_dir, device, overwrite, threads = args
     torch.set_num_threads(threads)
-    cell = f"{dataset}/{method}/seed{seed}"
+    cell = f"{dataset}.{method}.seed{seed}"
     try:
         run_one(GridConfig.from_dict(grid_dict), method, dataset, seed, out_dir, progress=False,
                 overwrite=overwrite, device=device)
@@ -272,14 +278,14 @@ def run_grid(grid: GridConfig, out_dir, *, progress: bool = True, overwrite: boo
     for seed in grid.seeds:  # seed-major: an interrupted grid has whole tables for its first seeds
         for dataset in grid.datasets:
             for method in grid.methods:
-                done = (out_dir / dataset / method / f"seed{seed}" / "result.json").exists()
+                done = (run_dir(out_dir, dataset, method, seed) / "result.json").exists()
                 if done and not overwrite:
-                    print(f"[skip] {dataset}/{method}/seed{seed} (finished)", flush=True)
+                    print(f"[skip] {dataset}.{method}.seed{seed} (finished)", flush=True)
                 else:
                     todo.append((dataset, method, seed))
     if workers <= 1:
         for dataset, method, seed in todo:
-            print(f"[run]  {dataset}/{method}/seed{seed}", flush=True)
+            print(f"[run]  {dataset}.{method}.seed{seed}", flush=True)
             run_one(grid, method, dataset, seed, out_dir, progress=progress, overwrite=overwrite, device=device)
             _write_tables(out_dir, load_results(out_dir), grid, report)
         return _write_tables(out_dir, load_results(out_dir), grid, report)
@@ -370,7 +376,7 @@ def demo(out_dir, *, grid: GridConfig | None = None, progress: bool = True, over
     dataset, seed = grid.datasets[0], grid.seeds[0]
     probs, labels = {}, None
     for method in grid.methods:
-        saved = load_file(str(out_dir / dataset / method / f"seed{seed}" / "predictions.safetensors"))
+        saved = load_file(str(run_dir(out_dir, dataset, method, seed) / "predictions.safetensors"))
         probs[method] = saved[f"{dataset}.mean_probs"]
         labels = saved[f"{dataset}.labels"]
     reliability_diagram(probs, labels, out_dir / "reliability.png", title=f"{dataset} test: reliability")

@@ -4,6 +4,7 @@ import json
 import pytest
 
 from scalabl_pyro.cli import main
+from scalabl_pyro.experiment import run_dir
 
 TINY = ["--backbone", "tiny", "--steps", "2", "--batch-size", "4", "--train-limit", "8", "--test-limit", "6",
         "--num-samples", "3", "--quiet"]
@@ -34,14 +35,14 @@ def test_train_then_evaluate(tmp_path, capsys):
 def test_benchmark_runs_then_reports_without_running(tmp_path, capsys):
     out, report = tmp_path / "grid", tmp_path / "RESULTS.md"
     assert main(["benchmark", "--out", str(out), "--report", str(report), "--device", "cpu", *TINY]) == 0
-    assert sorted(p.parent.parent.name for p in out.glob("countries/*/seed0/result.json")) == ["mle", "scalabl"]
-    result = json.loads((out / "countries" / "mle" / "seed0" / "result.json").read_text())
+    assert sorted(p.parent.name.split(".")[1] for p in out.glob("countries.*.seed0/result.json")) == ["mle", "scalabl"]
+    result = json.loads((run_dir(out, "countries", "mle", 0) / "result.json").read_text())
     assert "cores" in result["hardware"] and "torch" in result["hardware"]
     # a run copied in from another machine shows up in the rebuilt report, and nothing is run again
-    (out / "countries" / "scalabl" / "seed0" / "result.json").unlink()
+    (run_dir(out, "countries", "scalabl", 0) / "result.json").unlink()
     (out / "results.md").unlink()
     assert main(["benchmark", "--out", str(out), "--report", str(report), "--no-run", *TINY]) == 0
-    assert not (out / "countries" / "scalabl" / "seed0" / "result.json").exists()
+    assert not (run_dir(out, "countries", "scalabl", 0) / "result.json").exists()
     assert "| countries | countries | mle |" in (out / "results.md").read_text()
     assert "Finished runs: 1 of 2" in report.read_text() and "(1 runs)" in report.read_text()
 

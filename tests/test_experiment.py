@@ -4,7 +4,7 @@ import json
 import pytest
 
 from scalabl_pyro import experiment
-from scalabl_pyro.experiment import GridConfig, demo, load_results, run_grid, summarize
+from scalabl_pyro.experiment import GridConfig, demo, load_results, run_dir, run_grid, summarize
 
 
 def tiny_grid(**kw):
@@ -27,17 +27,17 @@ def test_grid_writes_results_and_resumes(tmp_path, monkeypatch):
     assert r["extra_params"] == 2 * grid.r * 5  # 2r per adapted module (5 on the tiny model)
     for name in ("results.md", "results.csv", "ece_vs_acc.png", "grid.json"):
         assert (tmp_path / name).stat().st_size > 0
-    assert (tmp_path / "countries" / "scalabl" / "seed0" / "reliability.png").read_bytes()[:4] == b"\x89PNG"
+    assert (run_dir(tmp_path, "countries", "scalabl", 0) / "reliability.png").read_bytes()[:4] == b"\x89PNG"
 
     # Interrupted grid: delete one run; a rerun redoes only that one.
-    (tmp_path / "countries" / "mle" / "seed0" / "result.json").unlink()
-    before = (tmp_path / "countries" / "scalabl" / "seed0" / "result.json").stat().st_mtime_ns
+    (run_dir(tmp_path, "countries", "mle", 0) / "result.json").unlink()
+    before = (run_dir(tmp_path, "countries", "scalabl", 0) / "result.json").stat().st_mtime_ns
     calls = []
     real = experiment.run_one
     monkeypatch.setattr(experiment, "run_one", lambda g, m, *a, **k: calls.append(m) or real(g, m, *a, **k))
     run_grid(grid, tmp_path, progress=False)
     assert calls == ["mle"]
-    assert (tmp_path / "countries" / "scalabl" / "seed0" / "result.json").stat().st_mtime_ns == before
+    assert (run_dir(tmp_path, "countries", "scalabl", 0) / "result.json").stat().st_mtime_ns == before
 
 
 def test_grid_with_worker_processes_matches_sequential(tmp_path):
@@ -55,7 +55,7 @@ def test_grid_with_worker_processes_matches_sequential(tmp_path):
 
 def test_grid_workers_report_failures_and_keep_the_rest(tmp_path):
     grid = tiny_grid(methods=("mle",), datasets=("countries", "no_such_set"), ood={})
-    with pytest.raises(RuntimeError, match=r"(?s)1 of 2 runs failed.*no_such_set/mle/seed0"):
+    with pytest.raises(RuntimeError, match=r"(?s)1 of 2 runs failed.*no_such_set.mle.seed0"):
         run_grid(grid, tmp_path, progress=False, workers=2)
     assert [r["dataset"] for r in load_results(tmp_path)] == ["countries"]
 
