@@ -7,6 +7,7 @@ diagram; a grid skips runs whose ``result.json`` exists and re-aggregates every 
 from __future__ import annotations
 
 import csv
+from collections import Counter
 import datetime
 import io as _io
 import json
@@ -161,7 +162,8 @@ def run_one(grid: GridConfig, method: str, dataset: str, seed: int, out_dir, *, 
         "hardware": _hardware(device),
     }
     folder.mkdir(parents=True, exist_ok=True)
-    reliability_diagram(ind.mean_probs, ind.labels, folder / "reliability.png", title=f"{method} on {dataset}")
+    reliability_diagram(ind.mean_probs, ind.labels, folder / "reliability.png",
+                        title=f"{method} on {dataset}")
     tensors = {}
     for name, pred in preds.items():
         tensors[f"{name}.mean_probs"] = pred.mean_probs.contiguous()
@@ -197,10 +199,7 @@ def summarize(results: Sequence[dict]) -> list[dict]:
 
 def report_header(grid: GridConfig, results: Sequence[dict]) -> str:
     """Budget, hardware, date and the command that regenerates the table."""
-    hw_runs: dict[str, int] = {}
-    for r in results:
-        hw_runs[r["hardware"]] = hw_runs.get(r["hardware"], 0) + 1
-    hw = "; ".join(f"{h} ({n} runs)" for h, n in hw_runs.items()) or "?"
+    hw = "; ".join(f"{h} ({n} runs)" for h, n in Counter(r["hardware"] for r in results).items()) or "?"
     dates = sorted({r["date"] for r in results}) or ["?"]
     secs = sum(r["fit_seconds"] + r["eval_seconds"] for r in results)
     return "\n".join([
@@ -253,7 +252,7 @@ def _run_cell(args) -> tuple[str, str | None]:
     """Worker of :func:`run_grid` (a fresh process: its own Pyro param store). Returns ``(cell, error)``."""
     grid_dict, method, dataset, seed, out_dir, device, overwrite, threads = args
     torch.set_num_threads(threads)
-    cell = f"{dataset}.{method}.seed{seed}"
+    cell = run_dir(out_dir, dataset, method, seed).name
     try:
         run_one(GridConfig.from_dict(grid_dict), method, dataset, seed, out_dir, progress=False,
                 overwrite=overwrite, device=device)
@@ -278,17 +277,17 @@ def run_grid(grid: GridConfig, out_dir, *, progress: bool = True, overwrite: boo
     for seed in grid.seeds:  # seed-major: an interrupted grid has whole tables for its first seeds
         for dataset in grid.datasets:
             for method in grid.methods:
-                done = (run_dir(out_dir, dataset, method, seed) / "result.json").exists()
-                if done and not overwrite:
-                    print(f"[skip] {dataset}.{method}.seed{seed} (finished)", flush=True)
+                folder = run_dir(out_dir, dataset, method, seed)
+                if (folder / "result.json").exists() and not overwrite:
+                    print(f"[skip] {folder.name} (finished)", flush=True)
                 else:
                     todo.append((dataset, method, seed))
     if workers <= 1:
         for dataset, method, seed in todo:
-            print(f"[run]  {dataset}.{method}.seed{seed}", flush=True)
+            print(f"[run]  {run_dir(out_dir, dataset, method, seed).name}", flush=True)
             run_one(grid, method, dataset, seed, out_dir, progress=progress, overwrite=overwrite, device=device)
-            _write_tables(out_dir, load_results(out_dir), grid, report)
-        return _write_tables(out_dir, load_results(out_dir), grid, report)
+            report_grid(grid, out_dir, report=report)
+        return report_grid(grid, out_dir, report=report)
     import multiprocessing as mp
 
     threads = max(1, (os.cpu_count() or 1) // workers)
@@ -300,8 +299,8 @@ def run_grid(grid: GridConfig, out_dir, *, progress: bool = True, overwrite: boo
             if err:
                 failed.append(f"{cell}: {err}")
             else:
-                _write_tables(out_dir, load_results(out_dir), grid, report)
-    rows = _write_tables(out_dir, load_results(out_dir), grid, report)
+                report_grid(grid, out_dir, report=report)
+    rows = report_grid(grid, out_dir, report=report)
     if failed:
         raise RuntimeError(f"{len(failed)} of {len(todo)} runs failed (the others are saved; rerun to retry):\n"
                            + "\n".join(failed))

@@ -126,7 +126,8 @@ def laplace_guide(model: ScalaBL, map_guide: AutoLaplaceApproximation, examples:
         gtr = poutine.trace(map_guide).get_trace(b)
         mtr = poutine.trace(poutine.replay(model, trace=gtr)).get_trace(b)
         logits = mtr.nodes["obs"]["fn"].logits.reshape(-1)
-        y = int(torch.multinomial(logits.detach().float().softmax(-1).cpu(), 1, generator=gen)[0])  # label ~ MAP predictive
+        probs = logits.detach().float().softmax(-1).cpu()
+        y = int(torch.multinomial(probs, 1, generator=gen)[0])  # a label from the MAP predictive
         g = torch.autograd.grad(torch.log_softmax(logits, -1)[y], loc)[0].double()
         F += torch.outer(g, g)
     F *= n_all / len(idx)

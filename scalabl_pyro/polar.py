@@ -206,7 +206,8 @@ class PolarVBLL(LoRAModel):
         """Last-position hidden states ``(B, H)``: one decoder pass (chunked by ``max_forward_batch``)."""
         net, bs, out = self.net, self.net.config.max_forward_batch, []
         for b0 in range(0, batch["input_ids"].shape[0], bs):
-            ids, mask = batch["input_ids"][b0:b0 + bs].to(net.device), batch["attention_mask"][b0:b0 + bs].to(net.device)
+            ids = batch["input_ids"][b0:b0 + bs].to(net.device)
+            mask = batch["attention_mask"][b0:b0 + bs].to(net.device)
             h = net._decode(input_ids=ids, attention_mask=mask, position_ids=net._positions(mask), use_cache=False)
             out.append(h.last_hidden_state[:, -1])
         return torch.cat(out)

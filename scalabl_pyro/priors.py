@@ -154,7 +154,8 @@ def normalize_prior(prior: PriorSpec, *, default: PriorFn | None = None) -> Call
     def fn(site: str, module, event_shape) -> dist.Distribution:
         shape = (event_shape,) if isinstance(event_shape, int) else tuple(event_shape)
         device = _device_of(module)
-        key = (site, shape, device, torch.distributions.Distribution._validate_args)  # expand() freezes the validation flag
+        # expand() freezes the validation flag into the instance: it is part of the key
+        key = (site, shape, device, torch.distributions.Distribution._validate_args)
         if key in cache:
             return cache[key]
         d = base(site, module)

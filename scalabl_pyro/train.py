@@ -137,7 +137,8 @@ def fit(model, guide, examples: Sequence, *, config: TrainConfig = TrainConfig()
                 loss = svi.step(batch, batch["labels"], num_data=n) / n
                 optim.step()
                 if not math.isfinite(loss):
-                    raise FloatingPointError(f"the ELBO became {loss} at step {step}; lower lr/guide_lr or raise clip_norm")
+                    raise FloatingPointError(f"the ELBO became {loss} at step {step}; "
+                                             "lower lr/guide_lr or raise clip_norm")
                 result.losses.append(loss)
                 running = loss if running is None else 0.9 * running + 0.1 * loss
                 if progress:
