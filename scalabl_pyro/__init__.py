@@ -24,6 +24,7 @@ from .metrics import (
     classification_metrics,
     format_table,
     ood_auroc,
+    paired_bootstrap,
     reliability_diagram,
     uncertainty_decomposition,
 )
@@ -42,6 +43,6 @@ __all__ = [
     "char_tokenizer", "classification_metrics", "count_parameters", "country_task", "default_guide",
     "empty_guide", "export_peft", "fit", "format_table", "init_to_s0", "isotropic_normal", "laplace_prior",
     "load_backbone", "load_run", "load_task", "make_elbo", "make_guide", "make_optimizer", "normalize_prior",
-    "ood_auroc", "predict", "reliability_diagram", "save_run", "student_t_prior", "tiny_llama",
+    "ood_auroc", "paired_bootstrap", "predict", "reliability_diagram", "save_run", "student_t_prior", "tiny_llama",
     "uncertainty_decomposition",
 ]

@@ -65,7 +65,7 @@ def cmd_benchmark(args) -> int:
     else:
         rows = run_grid(grid, args.out, progress=not args.quiet, overwrite=args.overwrite, report=args.report,
                         device=args.device, workers=args.workers)
-    print(format_table(rows))
+    print(format_table(rows) if rows else f"No finished runs in {args.out} yet.")
     return 0
 
 

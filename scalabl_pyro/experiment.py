@@ -28,11 +28,11 @@ from .backbones import load_backbone, resolve_device, tiny_llama
 from .config import ScalaBLConfig, TrainConfig, _JsonConfig
 from .data import TaskData, load_task
 from .methods import METHODS, train_method
-from .metrics import ece_accuracy_plot, format_table, ood_auroc, reliability_diagram
+from .metrics import ece_accuracy_plot, format_table, ood_auroc, paired_bootstrap, reliability_diagram
 from .tasks import country_task
 
 __all__ = ["GridConfig", "resolve_task", "run_dir", "run_one", "run_grid", "report_grid", "summarize", "demo",
-           "compare_guides", "DEMO_METHODS"]
+           "compare_guides", "DEMO_METHODS", "GridMismatchError", "check_finished", "RUN_SETTINGS"]
 
 METRIC_KEYS = ("acc", "ece", "nll", "brier")
 DEMO_METHODS = ("mle", "scalabl")
@@ -219,15 +219,15 @@ def report_header(grid: GridConfig, results: Sequence[dict]) -> str:
 def _write_tables(out_dir: Path, results: list[dict], grid: GridConfig | None = None,
                   report: str | os.PathLike | None = None) -> list[dict]:
     rows = summarize(results)
-    if not rows:
-        return rows
     cols = ["train", "eval", "method", "seeds", "n", *METRIC_KEYS, "auroc_entropy", "auroc_mi", "extra_params"]
-    table = format_table(rows, columns=cols) + "\n"
-    atomic_write_text(out_dir / "results.md", table)
+    table = format_table(rows, columns=cols) + "\n" if rows else "No finished runs yet.\n"
     if report is not None and grid is not None:
         cmd = f"scalabl-pyro benchmark --config {out_dir / 'grid.json'} --out {out_dir} --report {report}"
         atomic_write_text(report, f"# Benchmark results\n\n{report_header(grid, results)}\n\nRegenerate (resumes; "
                           f"finished runs are skipped):\n\n```\n{cmd}\n```\n\n{table}")
+    if not rows:
+        return rows
+    atomic_write_text(out_dir / "results.md", table)
     buf = _io.StringIO()
     w = csv.DictWriter(buf, fieldnames=cols)
     w.writeheader()
@@ -239,13 +239,42 @@ def _write_tables(out_dir: Path, results: list[dict], grid: GridConfig | None = 
     return rows
 
 
+#: Grid settings that change a run's numbers: a finished run made with other values does not belong in the table.
+RUN_SETTINGS = ("backbone", "scoring", "normalize", "r", "steps", "batch_size", "lr", "guide_lr", "num_samples",
+                "guide", "train_limit", "test_limit")
+
+
+class GridMismatchError(ValueError):
+    """Finished runs in the output folder were made with other settings than the grid asks for."""
+
+
+def check_finished(grid: GridConfig, results: Sequence[dict], out_dir) -> None:
+    """Raise :class:`GridMismatchError` naming every finished run whose :data:`RUN_SETTINGS` differ from ``grid``."""
+    bad = []
+    for r in results:
+        saved = r.get("grid", {})
+        diff = [f"{k}={saved[k]!r} (grid: {getattr(grid, k)!r})" for k in RUN_SETTINGS
+                if k in saved and saved[k] != getattr(grid, k)]
+        if diff:
+            bad.append(f"{run_dir(out_dir, r['dataset'], r['method'], r['seed']).name}: {', '.join(diff)}")
+    if bad:
+        raise GridMismatchError(
+            f"{len(bad)} finished run(s) in {out_dir} were made with other settings than this grid, so they "
+            f"cannot share its table:\n  " + "\n  ".join(bad[:10]) + ("\n  ..." if len(bad) > 10 else "")
+            + "\nUse another --out, move those folders away, or pass --overwrite to redo them.")
+
+
 def report_grid(grid: GridConfig, out_dir, *, report: str | os.PathLike | None = None) -> list[dict]:
     """Rebuild ``results.md``/``.csv``, the ECE-vs-accuracy plot and ``report`` from the finished runs only.
 
     Runs done elsewhere (another machine, a GPU) can be copied into ``out_dir`` first: each
     ``result.json`` records its hardware, and the report lists them.
+
+    :raises GridMismatchError: a finished run was made with other :data:`RUN_SETTINGS` than ``grid``.
     """
-    return _write_tables(Path(out_dir), load_results(out_dir), grid, report)
+    results = load_results(out_dir)
+    check_finished(grid, results, out_dir)
+    return _write_tables(Path(out_dir), results, grid, report)
 
 
 def _run_cell(args) -> tuple[str, str | None]:
@@ -267,10 +296,13 @@ def run_grid(grid: GridConfig, out_dir, *, progress: bool = True, overwrite: boo
 
     :param report: also write a Markdown report (header with budget, hardware, date and command + table) there.
     :param device: ``"cpu"``, ``"cuda"``, ``"auto"``... (default CPU).
+    :raises GridMismatchError: (before running anything) finished runs in ``out_dir`` used other settings.
     :param workers: run cells in this many worker processes at once (one GPU serves several small runs;
         each worker gets ``cpu_count // workers`` threads). A failed cell is reported and the others go on.
     """
     out_dir = Path(out_dir)
+    if not overwrite:
+        check_finished(grid, load_results(out_dir), out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     grid.save(out_dir / "grid.json")
     todo = []
@@ -373,10 +405,20 @@ def demo(out_dir, *, grid: GridConfig | None = None, progress: bool = True, over
     cols = ["eval", "method", "n", *METRIC_KEYS, "auroc_entropy", "auroc_mi", "extra_params"]
     table = format_table(rows, columns=cols)
     dataset, seed = grid.datasets[0], grid.seeds[0]
-    probs, labels = {}, None
-    for method in grid.methods:
-        saved = load_file(str(run_dir(out_dir, dataset, method, seed) / "predictions.safetensors"))
-        probs[method] = saved[f"{dataset}.mean_probs"]
-        labels = saved[f"{dataset}.labels"]
-    reliability_diagram(probs, labels, out_dir / "reliability.png", title=f"{dataset} test: reliability")
+    saved = {(m, k): load_file(str(run_dir(out_dir, dataset, m, k) / "predictions.safetensors"))
+             for m in grid.methods for k in grid.seeds}
+    probs = {m: saved[m, seed][f"{dataset}.mean_probs"] for m in grid.methods}
+    reliability_diagram(probs, saved[grid.methods[0], seed][f"{dataset}.labels"], out_dir / "reliability.png",
+                        title=f"{dataset} test: reliability")
+    if len(grid.methods) == 2:  # the paired difference of the two methods, with its noise on these questions
+        a, b = grid.methods[1], grid.methods[0]
+        diffs = []
+        for ev in (dataset, *grid.ood.get(dataset, [])):
+            stack = {m: torch.stack([saved[m, k][f"{ev}.mean_probs"] for k in grid.seeds]) for m in (a, b)}
+            d = paired_bootstrap(stack[a], stack[b], saved[a, seed][f"{ev}.labels"])
+            diffs.append({"eval": ev, **{k: f"{v:+.3f} [{lo:+.3f}, {hi:+.3f}]" for k, (v, lo, hi) in d.items()}})
+        table += (f"\n\n{a} - {b}, mean over {len(grid.seeds)} seed(s), with a 95% paired bootstrap interval over "
+                  f"the questions (an interval holding 0: no difference beyond the noise of this test set):\n\n"
+                  + format_table(diffs, columns=["eval", *METRIC_KEYS]))
+        atomic_write_text(out_dir / "results.md", table + "\n")
     return table

@@ -20,7 +20,7 @@ from torchmetrics.functional.classification import binary_auroc, multiclass_cali
 
 from ._utils import atomic_path
 
-__all__ = ["classification_metrics", "calibration_bins", "uncertainty_decomposition", "ood_auroc",
+__all__ = ["classification_metrics", "paired_bootstrap", "calibration_bins", "uncertainty_decomposition", "ood_auroc",
            "reliability_diagram", "ece_accuracy_plot", "format_table"]
 
 
@@ -110,6 +110,46 @@ def classification_metrics(probs: Tensor, labels: Tensor, *, n_bins: int = 15) -
         "brier": float(((p - onehot) ** 2).sum(1).mean()),
         "n": int(N),
     }
+
+
+def paired_bootstrap(probs_a: Tensor, probs_b: Tensor, labels: Tensor, *, num_resamples: int = 1000,
+                     level: float = 0.95, n_bins: int = 15, seed: int = 0) -> dict[str, tuple[float, float, float]]:
+    """Difference ``metric(a) - metric(b)`` of two models on the same questions, with a bootstrap interval.
+
+    Questions are resampled with replacement (the same indices for both models, so the interval is for
+    the *paired* difference). On a small test set the binned ECE is noisy; this says whether a
+    difference is larger than that noise.
+
+    :param probs_a: (N, C) class probabilities of model a, or (K, N, C) for K runs (e.g. seeds) on the
+        same N questions: each metric is then averaged over the K runs before taking the difference.
+    :param probs_b: same shape as ``probs_a``. :param labels: (N,) true classes.
+    :returns: ``{"acc"|"ece"|"nll"|"brier": (difference, low, high)}``, the percentile interval at ``level``.
+
+    Example::
+
+        d = paired_bootstrap(scalabl_probs, lora_probs, labels)
+        d["ece"]  # (-0.012, -0.030, 0.004): lower ECE, but within the noise of N questions
+    """
+    a, b = (p if p.dim() == 3 else p[None] for p in (probs_a, probs_b))
+    if a.shape != b.shape or a.shape[1] != labels.shape[0]:
+        raise ValueError(f"probs_a {tuple(probs_a.shape)} and probs_b {tuple(probs_b.shape)} must have the same "
+                         f"shape (N, C) or (K, N, C) with N = len(labels) = {labels.shape[0]}")
+    if not 0 < level < 1 or num_resamples < 1:
+        raise ValueError(f"level={level!r} must be in (0, 1) and num_resamples={num_resamples!r} >= 1")
+    keys = ("acc", "ece", "nll", "brier")
+
+    def diff(idx: Tensor) -> Tensor:
+        ma = [classification_metrics(x[idx], labels[idx], n_bins=n_bins) for x in a]
+        mb = [classification_metrics(x[idx], labels[idx], n_bins=n_bins) for x in b]
+        return torch.tensor([sum(m[k] for m in ma) / len(ma) - sum(m[k] for m in mb) / len(mb) for k in keys])
+
+    N = labels.shape[0]
+    g = torch.Generator().manual_seed(seed)
+    full = diff(torch.arange(N))
+    boot = torch.stack([diff(torch.randint(N, (N,), generator=g)) for _ in range(num_resamples)]).double()
+    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
+    lo, hi = torch.quantile(boot, q, dim=0)
+    return {k: (float(full[i]), float(lo[i]), float(hi[i])) for i, k in enumerate(keys)}
 
 
 def _entropy(p: Tensor) -> Tensor:

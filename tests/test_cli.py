@@ -45,6 +45,14 @@ def test_benchmark_runs_then_reports_without_running(tmp_path, capsys):
     assert not (run_dir(out, "countries", "scalabl", 0) / "result.json").exists()
     assert "| countries | countries | mle |" in (out / "results.md").read_text()
     assert "Finished runs: 1 of 2" in report.read_text() and "(1 runs)" in report.read_text()
+    # with no finished run the report still says where things stand
+    empty = tmp_path / "empty"
+    assert main(["benchmark", "--out", str(empty), "--report", str(report), "--no-run", *TINY]) == 0
+    assert "No finished runs" in capsys.readouterr().out
+    assert "Finished runs: 0 of 2" in report.read_text() and "No finished runs yet." in report.read_text()
+    # a finished run made with other settings is refused, with the way out
+    assert main(["benchmark", "--out", str(out), "--no-run", *TINY, "--steps", "3"]) == 2
+    assert "other settings" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, message", [

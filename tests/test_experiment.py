@@ -39,6 +39,19 @@ def test_grid_writes_results_and_resumes(tmp_path, monkeypatch):
     assert calls == ["mle"]
     assert (run_dir(tmp_path, "countries", "scalabl", 0) / "result.json").stat().st_mtime_ns == before
 
+    # Other settings in the same folder: refused before anything runs, naming the runs and the settings.
+    calls.clear()
+    other = tiny_grid(normalize="tokens", steps=3)
+    with pytest.raises(experiment.GridMismatchError,
+                       match=r"(?s)2 finished run\(s\).*countries.mle.seed0: normalize='none' \(grid: 'tokens'\), "
+                             r"steps=2 \(grid: 3\).*--overwrite"):
+        run_grid(other, tmp_path, progress=False)
+    with pytest.raises(experiment.GridMismatchError):
+        experiment.report_grid(other, tmp_path)
+    assert calls == []
+    # Settings that do not change a run's numbers (here the methods list) are no mismatch.
+    experiment.report_grid(tiny_grid(methods=("mle",)), tmp_path)
+
 
 def test_grid_with_worker_processes_matches_sequential(tmp_path):
     grid = tiny_grid(methods=("mle", "scalabl", "map"), seeds=(0,))
@@ -74,6 +87,26 @@ def test_demo_refuses_existing_results(tmp_path):
     assert (tmp_path / "reliability.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(FileExistsError, match="overwrite"):
         demo(tmp_path, grid=grid, progress=False)
+
+
+def test_demo_reports_paired_differences_over_seeds(tmp_path):
+    from safetensors.torch import load_file
+
+    from scalabl_pyro.metrics import classification_metrics
+
+    grid = tiny_grid(seeds=(0, 1))
+    table = demo(tmp_path, grid=grid, progress=False)
+    assert "scalabl - mle, mean over 2 seed(s), with a 95% paired bootstrap interval" in table
+    assert (tmp_path / "results.md").read_text().strip() == table.strip()
+    # the printed difference is the seed-mean metric of scalabl minus that of mle on the same questions
+    nll = {m: [] for m in ("mle", "scalabl")}
+    for m in nll:
+        for k in (0, 1):
+            saved = load_file(str(run_dir(tmp_path, "countries", m, k) / "predictions.safetensors"))
+            nll[m].append(classification_metrics(saved["countries.mean_probs"], saved["countries.labels"])["nll"])
+    expected = sum(nll["scalabl"]) / 2 - sum(nll["mle"]) / 2
+    row = next(line for line in table.splitlines()[-3:] if line.startswith("| countries |"))
+    assert row.split("|")[4].strip().startswith(f"{expected:+.3f} [")
 
 
 def test_grid_config_validation_and_roundtrip(tmp_path):

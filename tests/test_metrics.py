@@ -13,6 +13,7 @@ from scalabl_pyro.metrics import (
     ece_accuracy_plot,
     format_table,
     ood_auroc,
+    paired_bootstrap,
     reliability_diagram,
     uncertainty_decomposition,
 )
@@ -232,3 +233,27 @@ def test_rows_slightly_above_one_are_not_treated_as_logits():
     # bins: conf 1.0 (correct) -> last bin, conf .7 (correct) -> bin 7; ECE = (0 + .3) / 2
     assert m["ece"] == pytest.approx(0.15, abs=1e-6)
     assert m["acc"] == 1.0
+
+
+def test_paired_bootstrap_difference_and_interval():
+    labels = torch.tensor([0, 1, 0, 1])
+    a = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]])
+    b = torch.tensor([[0.6, 0.4], [0.6, 0.4], [0.6, 0.4], [0.6, 0.4]])
+    d = paired_bootstrap(a, b, labels, num_resamples=200, seed=1)
+    # full-set differences by hand: acc 1 - 0.5; brier mean(.02,.08,.32,.18) - mean(.32,.72,.32,.72)
+    assert d["acc"][0] == pytest.approx(0.5)
+    assert d["brier"][0] == pytest.approx(0.15 - 0.52)
+    nll_a = -(math.log(0.9) + math.log(0.8) + math.log(0.6) + math.log(0.7)) / 4
+    nll_b = -(2 * math.log(0.6) + 2 * math.log(0.4)) / 4
+    assert d["nll"][0] == pytest.approx(nll_a - nll_b)
+    for k, (diff, lo, hi) in d.items():
+        assert lo <= hi, k
+    assert d["brier"][2] < 0  # a beats b on every question: every resample agrees
+    assert paired_bootstrap(a, b, labels, num_resamples=200, seed=1) == d  # seeded
+    same = paired_bootstrap(a, a, labels, num_resamples=50)
+    assert all(v == (0.0, 0.0, 0.0) for v in same.values())
+    # K runs on the same questions: metrics are averaged over runs before the difference
+    two = paired_bootstrap(torch.stack([a, b]), torch.stack([b, b]), labels, num_resamples=20)
+    assert two["acc"][0] == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="same shape"):
+        paired_bootstrap(a, b[:3], labels)

@@ -40,7 +40,7 @@ def test_split_disjoint_and_counts(seed):
     ood = country_task("test", seed=seed, shifted=True)
     ctr, cte = _countries(train), _countries(test)
     assert not ctr & cte and ctr | cte == set(BY_COUNTRY)
-    assert len(cte) == round(0.3 * len(FACTS))
+    assert len(cte) == round(0.5 * len(FACTS)) == 78
     assert len(train) == 2 * len(ctr) and len(test) == 2 * len(cte) and len(ood) == 2 * len(cte)
     assert _countries(ood) == cte
     # every train question names exactly its own (train) country: no test country appears in train
@@ -57,7 +57,7 @@ def test_split_disjoint_and_counts(seed):
 def test_names_and_formats():
     t = country_task()
     assert t.name == "countries" and t.split == "train" and t.label_words == ("A", "B", "C", "D")
-    assert "109 train / 47 test" in t.note
+    assert "78 train / 78 test" in t.note
     assert country_task("test", shifted=True).name == "countries_shifted"
     ex = next(e for e in t if e.id.startswith("capital:"))
     q = f"What is the capital of {ex.id.split(':')[1]}?"
