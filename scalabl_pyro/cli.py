@@ -17,6 +17,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guide-lr", type=float, default=None, help="learning rate of the variational parameters")
     p.add_argument("--scoring", choices=("letter", "choice"), default=None)
     p.add_argument("--num-samples", type=int, default=None, help="posterior samples at test time (default 10)")
+    p.add_argument("--kl-anneal", type=float, default=None,
+                   help="ramp the KL weight from 0 to 1 over this fraction of the steps (Bayesian methods)")
     p.add_argument("--train-limit", type=int, default=None)
     p.add_argument("--test-limit", type=int, default=None)
     p.add_argument("--seeds", default=None, help="comma-separated seeds, e.g. 0,1,2 (tables show mean ± std)")
@@ -29,7 +31,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def _grid_overrides(args, **extra) -> dict:
     keys = {"backbone": "backbone", "steps": "steps", "batch_size": "batch_size", "lr": "lr",
             "guide_lr": "guide_lr", "scoring": "scoring", "num_samples": "num_samples",
-            "train_limit": "train_limit", "test_limit": "test_limit", "data_dir": "data_dir"}
+            "train_limit": "train_limit", "test_limit": "test_limit", "data_dir": "data_dir",
+            "kl_anneal": "kl_anneal"}
     out = {v: getattr(args, k) for k, v in keys.items() if getattr(args, k, None) is not None}
     if getattr(args, "seeds", None):
         try:
@@ -96,7 +99,8 @@ def cmd_train(args) -> int:
     train = resolve_task(args.dataset, "train", data_dir=args.data_dir, limit=args.train_limit, seed=args.seed)
     cfg = ScalaBLConfig(scoring=args.scoring or "choice", r=args.r)
     tc = TrainConfig(**{k: v for k, v in dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                                              guide_lr=args.guide_lr, seed=args.seed).items() if v is not None})
+                                              guide_lr=args.guide_lr, kl_anneal=args.kl_anneal,
+                                              seed=args.seed).items() if v is not None})
     torch.manual_seed(args.seed)
     trained = train_method(args.method, backbone_factory(args.backbone, args.device), list(train.examples),
                            label_words=train.label_words, config=cfg, train_config=tc, guide=args.guide,

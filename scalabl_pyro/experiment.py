@@ -68,6 +68,8 @@ class GridConfig(_JsonConfig):
     """A benchmark grid: methods x training sets x seeds, each evaluated on its test split and OOD sets.
 
     :param ood: ``{train_set: [ood_set, ...]}``, evaluated (split ``test``) next to the in-distribution test set.
+    :param kl_anneal: :attr:`TrainConfig.kl_anneal` of the Bayesian methods (KL weight ramped from 0 to 1 over
+        this fraction of the steps).
     :param train_limit: cap on training examples (seeded subset); :param test_limit: cap per evaluation set.
     """
 
@@ -85,6 +87,7 @@ class GridConfig(_JsonConfig):
     guide_lr: float = 1e-2
     num_samples: int = 10
     guide: str = "normal"
+    kl_anneal: float = 0.0
     train_limit: int | None = None
     test_limit: int | None = None
     data_dir: str | None = None
@@ -97,7 +100,8 @@ class GridConfig(_JsonConfig):
         if not self.datasets or not self.seeds:
             raise ValueError("a grid needs at least one dataset and one seed")
         ScalaBLConfig(r=self.r, scoring=self.scoring, normalize=self.normalize)  # validates
-        TrainConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr, guide_lr=self.guide_lr)
+        TrainConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr, guide_lr=self.guide_lr,
+                    kl_anneal=self.kl_anneal)
 
     def to_dict(self) -> dict:
         d = super().to_dict()
@@ -135,7 +139,8 @@ def run_one(grid: GridConfig, method: str, dataset: str, seed: int, out_dir, *, 
         evals[name] = resolve_task(name, "test", data_dir=grid.data_dir, limit=grid.test_limit, seed=0)
     words = _label_words([train, *evals.values()])
     config = ScalaBLConfig(r=grid.r, scoring=grid.scoring, normalize=grid.normalize)
-    tc = TrainConfig(steps=grid.steps, batch_size=grid.batch_size, lr=grid.lr, guide_lr=grid.guide_lr, seed=seed)
+    tc = TrainConfig(steps=grid.steps, batch_size=grid.batch_size, lr=grid.lr, guide_lr=grid.guide_lr,
+                     kl_anneal=grid.kl_anneal, seed=seed)
     torch.manual_seed(seed)
     trained = train_method(method, backbone_factory(grid.backbone, device), list(train.examples), label_words=words,
                            config=config, train_config=tc, guide=grid.guide, num_samples=grid.num_samples,
@@ -205,7 +210,8 @@ def report_header(grid: GridConfig, results: Sequence[dict]) -> str:
     return "\n".join([
         f"Backbone `{grid.backbone}`, `{grid.scoring}` scoring (normalize={grid.normalize}), LoRA r={grid.r} on "
         f"q_proj/v_proj/lm_head; {grid.steps} steps x batch {grid.batch_size}, lr {grid.lr} (projections) / "
-        f"{grid.guide_lr} (guide), {grid.num_samples} posterior samples at test time.",
+        f"{grid.guide_lr} (guide), KL annealed over {grid.kl_anneal:.0%} of the steps, {grid.num_samples} posterior "
+        "samples at test time.",
         f"Training sets capped at {grid.train_limit or 'all'} examples, each evaluation set at "
         f"{grid.test_limit or 'all'} (seeded subsets). Seeds per cell: see `seeds`. ECE uses 15 equal-width bins.",
         f"Finished runs: {len(results)} of {len(grid.methods) * len(grid.datasets) * len(grid.seeds)} in the grid; "
@@ -241,7 +247,7 @@ def _write_tables(out_dir: Path, results: list[dict], grid: GridConfig | None = 
 
 #: Grid settings that change a run's numbers: a finished run made with other values does not belong in the table.
 RUN_SETTINGS = ("backbone", "scoring", "normalize", "r", "steps", "batch_size", "lr", "guide_lr", "num_samples",
-                "guide", "train_limit", "test_limit")
+                "guide", "kl_anneal", "train_limit", "test_limit")
 
 
 class GridMismatchError(ValueError):
@@ -359,7 +365,8 @@ def compare_guides(out_dir, *, guides: Sequence[str] = ("normal", "diagonal", "l
     out_dir = Path(out_dir)
     train = resolve_task("countries", "train", limit=grid.train_limit)
     test = resolve_task("countries", "test", limit=grid.test_limit)
-    tc = TrainConfig(steps=grid.steps, batch_size=grid.batch_size, lr=grid.lr, guide_lr=grid.guide_lr)
+    tc = TrainConfig(steps=grid.steps, batch_size=grid.batch_size, lr=grid.lr, guide_lr=grid.guide_lr,
+                     kl_anneal=grid.kl_anneal)
     rows = []
     for name in guides:
         pyro.clear_param_store()

@@ -114,10 +114,22 @@ def test_grid_config_validation_and_roundtrip(tmp_path):
         GridConfig(methods=("mle", "bogus"))
     with pytest.raises(ValueError, match="scoring"):
         GridConfig(scoring="words")
-    g = tiny_grid(ood={"openbookqa": ["arc_easy"]})
+    with pytest.raises(ValueError, match="kl_anneal"):
+        GridConfig(kl_anneal=1.5)
+    g = tiny_grid(ood={"openbookqa": ["arc_easy"]}, kl_anneal=0.25)
     g.save(tmp_path / "g.json")
     assert GridConfig.load(tmp_path / "g.json") == g
     assert json.loads((tmp_path / "g.json").read_text())["ood"] == {"openbookqa": ["arc_easy"]}
+
+
+def test_grid_kl_anneal_reaches_fit(tmp_path, monkeypatch):
+    seen = []
+    real = experiment.train_method
+    monkeypatch.setattr(experiment, "train_method",
+                        lambda *a, **k: seen.append(k["train_config"].kl_anneal) or real(*a, **k))
+    run_grid(tiny_grid(methods=("scalabl",), kl_anneal=0.5, ood={}), tmp_path, progress=False)
+    assert seen == [0.5]
+    assert load_results(tmp_path)[0]["grid"]["kl_anneal"] == 0.5
 
 
 def test_label_words_must_agree():
