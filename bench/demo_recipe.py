@@ -7,7 +7,7 @@ mean 0 before ``B`` has learned anything. KL annealing (``TrainConfig.kl_anneal`
 0 to 1 over that fraction of the steps; the final objective is the plain ELBO) is the usual remedy.
 
 This script splits the training countries 70 / 30 by seed (the test countries are not read), trains plain
-LoRA and ScalaBL with each ``--kl-anneal`` value on the 70 % with the demo's budget and evaluates on the
+LoRA and ScalaBL with each ``--kl-anneal`` value (and, with ``--centered``, with the prior ``Normal(s0, 1)``) on the 70 % with the demo's budget and evaluates on the
 30 %: acc / ECE / NLL / Brier, plus the guide's mean ``|loc| / |s0|`` and mean scale at the end. Each cell
 is written to ``<out>/<name>.json`` atomically and skipped when present.
 
@@ -25,9 +25,10 @@ import time
 from pathlib import Path
 
 import pyro
+import pyro.distributions as dist
 import torch
 
-from scalabl_pyro import ScalaBLConfig, TrainConfig, country_task
+from scalabl_pyro import AdaptedLM, ScalaBLConfig, TrainConfig, country_task
 from scalabl_pyro._utils import atomic_write_json
 from scalabl_pyro.experiment import GridConfig, backbone_factory
 from scalabl_pyro.methods import train_method
@@ -41,16 +42,28 @@ def split_by_country(examples, *, fraction: float = 0.3, seed: int = 0):
     return [e for e in examples if e.id.split(":", 1)[1] not in val], [e for e in examples if e.id.split(":", 1)[1] in val]
 
 
-def run(method: str, kl_anneal: float, grid: GridConfig, fit_set, val_set, device: str) -> dict:
+def _centered_at_s0(grid: GridConfig, device: str) -> dict:
+    """``{site: Normal(s0, 1)}``: the default prior's scale, centred where the guide starts instead of at 0.
+
+    ``s0`` depends only on the seed (peft draws ``A`` on the CPU, ``V``/``s0`` come from its SVD), so a throwaway
+    network built with the same seed gives the ``s0`` that :func:`train_method` will start from.
+    """
+    lm, tok = backbone_factory(grid.backbone, device)()
+    net = AdaptedLM(lm, tok, label_words=("A", "B", "C", "D"), config=ScalaBLConfig(r=grid.r, scoring=grid.scoring),
+                    subspace=True, seed=0)
+    return {site: dist.Normal(s0.clone(), 1.0).to_event(1) for site, s0 in net.subspace.s0.items()}
+
+
+def run(method: str, kl_anneal: float, grid: GridConfig, fit_set, val_set, device: str, prior=None) -> dict:
     torch.manual_seed(0)
     t0 = time.perf_counter()
     trained = train_method(method, backbone_factory(grid.backbone, device), fit_set, label_words=("A", "B", "C", "D"),
                            config=ScalaBLConfig(r=grid.r, scoring=grid.scoring, normalize=grid.normalize),
                            train_config=TrainConfig(steps=grid.steps, batch_size=grid.batch_size, lr=grid.lr,
                                                     guide_lr=grid.guide_lr, kl_anneal=kl_anneal, seed=0),
-                           num_samples=grid.num_samples, progress=False)
+                           num_samples=grid.num_samples, prior=prior, progress=False)
     pred = trained.predict(val_set, progress=False)
-    row = {"method": method, "kl_anneal": kl_anneal, "n_fit": len(fit_set), **pred.metrics(),
+    row = {"method": method, "kl_anneal": kl_anneal, "prior": "N(s0, 1)" if prior else "N(0, 1)", "n_fit": len(fit_set), **pred.metrics(),
            "mean_conf": pred.mean_probs.max(-1).values.mean().item(), "seconds": round(time.perf_counter() - t0, 1)}
     if method == "scalabl":
         store = pyro.get_param_store()
@@ -65,6 +78,7 @@ def run(method: str, kl_anneal: float, grid: GridConfig, fit_set, val_set, devic
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--kl-anneal", default="0,0.5", help="comma-separated TrainConfig.kl_anneal values for ScalaBL")
+    p.add_argument("--centered", action="store_true", help="also ScalaBL with the prior N(s0, 1) (no annealing)")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--backbone", default="smollm2")
     p.add_argument("--device", default="cpu")
@@ -73,16 +87,19 @@ def main(argv=None) -> None:
     grid = GridConfig(backbone=a.backbone, steps=a.steps)  # the demo's settings
     fit_set, val_set = split_by_country(list(country_task("train", seed=0).examples))
     out = Path(a.out)
-    cells = [("mle", 0.0)] + [("scalabl", float(x)) for x in a.kl_anneal.split(",")]
-    for method, kl in cells:
-        path = out / (f"{method}.json" if method == "mle" else f"{method}.kl_anneal{kl:g}.json")
+    cells = [("mle", 0.0, False)] + [("scalabl", float(x), False) for x in a.kl_anneal.split(",")]
+    cells += [("scalabl", 0.0, True)] if a.centered else []
+    for method, kl, centered in cells:
+        name = "mle" if method == "mle" else ("scalabl.prior_s0" if centered else f"scalabl.kl_anneal{kl:g}")
+        path = out / f"{name}.json"
         if path.exists():
             row = json.loads(path.read_text())
         else:
-            row = run(method, kl, grid, fit_set, val_set, a.device)
+            prior = _centered_at_s0(grid, a.device) if centered else None
+            row = run(method, kl, grid, fit_set, val_set, a.device, prior=prior)
             atomic_write_json(path, row)
         extra = (f"  |loc|/|s0| {row['loc_over_s0']:.3f}  scale {row['mean_scale']:.3f}" if "mean_scale" in row else "")
-        print(f"{method:<8} kl_anneal {kl:<4g} n_fit {row['n_fit']} n_val {row['n']}  acc {row['acc']:.3f}  "
+        print(f"{name:<26} n_fit {row['n_fit']} n_val {row['n']}  acc {row['acc']:.3f}  "
               f"ece {row['ece']:.3f}  nll {row['nll']:.3f}  brier {row['brier']:.3f}  conf {row['mean_conf']:.3f}"
               f"{extra}  ({row['seconds']:.0f} s)", flush=True)
 

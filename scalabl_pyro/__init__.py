@@ -30,7 +30,7 @@ from .metrics import (
 )
 from .model import LoRAModel, ScalaBL, count_parameters
 from .predictive import Prediction, predict
-from .priors import LayerScalePrior, isotropic_normal, laplace_prior, normalize_prior, student_t_prior
+from .priors import LayerScalePrior, centered_prior, isotropic_normal, laplace_prior, normalize_prior, student_t_prior
 from .scoring import AdaptedLM
 from .tasks import country_task
 from .train import empty_guide, fit, make_elbo, make_optimizer
@@ -40,7 +40,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdaptedLM", "DEFAULT_BACKBONE", "Example", "GUIDES", "LayerScalePrior", "LoRAModel", "Prediction",
     "ScalaBL", "ScalaBLConfig", "Subspace", "TaskData", "TrainConfig", "add_lora", "available_datasets",
-    "char_tokenizer", "classification_metrics", "count_parameters", "country_task", "default_guide",
+    "centered_prior", "char_tokenizer", "classification_metrics", "count_parameters", "country_task", "default_guide",
     "empty_guide", "export_peft", "fit", "format_table", "init_to_s0", "isotropic_normal", "laplace_prior",
     "load_backbone", "load_run", "load_task", "make_elbo", "make_guide", "make_optimizer", "normalize_prior",
     "ood_auroc", "paired_bootstrap", "predict", "reliability_diagram", "save_run", "student_t_prior", "tiny_llama",

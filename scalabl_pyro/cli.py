@@ -19,6 +19,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-samples", type=int, default=None, help="posterior samples at test time (default 10)")
     p.add_argument("--kl-anneal", type=float, default=None,
                    help="ramp the KL weight from 0 to 1 over this fraction of the steps (Bayesian methods)")
+    p.add_argument("--prior", choices=("normal", "s0"), default=None,
+                   help="prior of s: 'normal' = Normal(0, 1) (default), 's0' = Normal(s0, 1), centred at the start")
     p.add_argument("--train-limit", type=int, default=None)
     p.add_argument("--test-limit", type=int, default=None)
     p.add_argument("--seeds", default=None, help="comma-separated seeds, e.g. 0,1,2 (tables show mean ± std)")
@@ -32,7 +34,7 @@ def _grid_overrides(args, **extra) -> dict:
     keys = {"backbone": "backbone", "steps": "steps", "batch_size": "batch_size", "lr": "lr",
             "guide_lr": "guide_lr", "scoring": "scoring", "num_samples": "num_samples",
             "train_limit": "train_limit", "test_limit": "test_limit", "data_dir": "data_dir",
-            "kl_anneal": "kl_anneal"}
+            "kl_anneal": "kl_anneal", "prior": "prior"}
     out = {v: getattr(args, k) for k, v in keys.items() if getattr(args, k, None) is not None}
     if getattr(args, "seeds", None):
         try:
@@ -104,11 +106,11 @@ def cmd_train(args) -> int:
     torch.manual_seed(args.seed)
     trained = train_method(args.method, backbone_factory(args.backbone, args.device), list(train.examples),
                            label_words=train.label_words, config=cfg, train_config=tc, guide=args.guide,
-                           progress=not args.quiet)
+                           prior="s0" if args.prior == "s0" else None, progress=not args.quiet)
     save_run(out, trained.models[0], trained.guide, guide_kind=args.guide if trained.guide is not None else None,
              backbone=args.backbone, overwrite=args.overwrite,
              meta={"dataset": args.dataset, "method": args.method, "train": tc.to_dict(),
-                   "final_loss": trained.losses[-1], "fit_seconds": trained.fit_seconds})
+                   "prior": args.prior or "normal", "final_loss": trained.losses[-1], "fit_seconds": trained.fit_seconds})
     print(f"trained {args.method} on {args.dataset} ({len(train)} examples, {tc.steps} steps, "
           f"{trained.fit_seconds:.0f} s); saved to {out}")
     return 0

@@ -36,6 +36,7 @@ __all__ = ["GridConfig", "resolve_task", "run_dir", "run_one", "run_grid", "repo
 
 METRIC_KEYS = ("acc", "ece", "nll", "brier")
 DEMO_METHODS = ("mle", "scalabl")
+PRIORS = ("normal", "s0")  # GridConfig.prior: Normal(0, 1) or Normal(s0, 1)
 
 
 def resolve_task(name: str, split: str, *, data_dir=None, limit: int | None = None, seed: int = 0) -> TaskData:
@@ -70,6 +71,8 @@ class GridConfig(_JsonConfig):
     :param ood: ``{train_set: [ood_set, ...]}``, evaluated (split ``test``) next to the in-distribution test set.
     :param kl_anneal: :attr:`TrainConfig.kl_anneal` of the Bayesian methods (KL weight ramped from 0 to 1 over
         this fraction of the steps).
+    :param prior: prior of the Bayesian methods: ``"normal"`` (``Normal(0, 1)``, the default) or ``"s0"``
+        (``Normal(s0, 1)``, :func:`~scalabl_pyro.priors.centered_prior`).
     :param train_limit: cap on training examples (seeded subset); :param test_limit: cap per evaluation set.
     """
 
@@ -88,6 +91,7 @@ class GridConfig(_JsonConfig):
     num_samples: int = 10
     guide: str = "normal"
     kl_anneal: float = 0.0
+    prior: str = "normal"
     train_limit: int | None = None
     test_limit: int | None = None
     data_dir: str | None = None
@@ -99,6 +103,8 @@ class GridConfig(_JsonConfig):
             raise ValueError(f"unknown methods {bad}; allowed: {list(METHODS)}")
         if not self.datasets or not self.seeds:
             raise ValueError("a grid needs at least one dataset and one seed")
+        if self.prior not in PRIORS:
+            raise ValueError(f"prior={self.prior!r}; allowed: {', '.join(map(repr, PRIORS))}")
         ScalaBLConfig(r=self.r, scoring=self.scoring, normalize=self.normalize)  # validates
         TrainConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr, guide_lr=self.guide_lr,
                     kl_anneal=self.kl_anneal)
@@ -144,7 +150,7 @@ def run_one(grid: GridConfig, method: str, dataset: str, seed: int, out_dir, *, 
     torch.manual_seed(seed)
     trained = train_method(method, backbone_factory(grid.backbone, device), list(train.examples), label_words=words,
                            config=config, train_config=tc, guide=grid.guide, num_samples=grid.num_samples,
-                           progress=progress)
+                           prior=None if grid.prior == "normal" else grid.prior, progress=progress)
     metrics, preds = {}, {}
     t0 = time.perf_counter()
     for name, task in evals.items():
@@ -210,7 +216,8 @@ def report_header(grid: GridConfig, results: Sequence[dict]) -> str:
     return "\n".join([
         f"Backbone `{grid.backbone}`, `{grid.scoring}` scoring (normalize={grid.normalize}), LoRA r={grid.r} on "
         f"q_proj/v_proj/lm_head; {grid.steps} steps x batch {grid.batch_size}, lr {grid.lr} (projections) / "
-        f"{grid.guide_lr} (guide), KL annealed over {grid.kl_anneal:.0%} of the steps, {grid.num_samples} posterior "
+        f"{grid.guide_lr} (guide), KL annealed over {grid.kl_anneal:.0%} of the steps, prior {grid.prior}, "
+        f"{grid.num_samples} posterior "
         "samples at test time.",
         f"Training sets capped at {grid.train_limit or 'all'} examples, each evaluation set at "
         f"{grid.test_limit or 'all'} (seeded subsets). Seeds per cell: see `seeds`. ECE uses 15 equal-width bins.",
@@ -247,7 +254,7 @@ def _write_tables(out_dir: Path, results: list[dict], grid: GridConfig | None = 
 
 #: Grid settings that change a run's numbers: a finished run made with other values does not belong in the table.
 RUN_SETTINGS = ("backbone", "scoring", "normalize", "r", "steps", "batch_size", "lr", "guide_lr", "num_samples",
-                "guide", "kl_anneal", "train_limit", "test_limit")
+                "guide", "kl_anneal", "prior", "train_limit", "test_limit")
 
 
 class GridMismatchError(ValueError):

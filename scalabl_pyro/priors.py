@@ -8,7 +8,8 @@ A prior may be given as
 
 and :func:`normalize_prior` turns any of them into the callable form with event shape ``(r,)``, on the
 adapted module's device (tensors of a prior written with CPU floats are moved there).
-Ready-made priors: :func:`isotropic_normal` (default), :func:`laplace_prior` (sparsity),
+Ready-made priors: :func:`isotropic_normal` (default), :func:`centered_prior` (centred at ``s0``),
+:func:`laplace_prior` (sparsity),
 :func:`student_t_prior` (heavy tails), and :class:`LayerScalePrior` (a learned per-layer scale,
 type-II maximum likelihood).
 
@@ -29,7 +30,8 @@ import pyro.distributions as dist
 import torch
 from pyro.distributions import constraints
 
-__all__ = ["normalize_prior", "isotropic_normal", "laplace_prior", "student_t_prior", "LayerScalePrior", "PriorSpec"]
+__all__ = ["normalize_prior", "isotropic_normal", "centered_prior", "laplace_prior", "student_t_prior",
+           "LayerScalePrior", "PriorSpec"]
 
 PriorFn = Callable[[str, torch.nn.Module], dist.Distribution]
 PriorSpec = Union[None, dist.Distribution, Mapping[str, dist.Distribution], PriorFn]
@@ -43,6 +45,24 @@ def _fixed(fn: PriorFn) -> PriorFn:
 def isotropic_normal(scale: float = 1.0) -> PriorFn:
     """``Normal(0, scale)`` on every coordinate of every site (the default, ``scale=1``)."""
     return _fixed(lambda site, module: dist.Normal(0.0, float(scale)))
+
+
+def centered_prior(locs: Mapping[str, torch.Tensor], scale: float = 1.0) -> dict[str, dist.Distribution]:
+    """``{site: Normal(locs[site], scale)}``: the default prior's shape, centred at given values (dict form).
+
+    With ``locs = net.subspace.s0`` the prior sits where the guide starts. The default ``Normal(0, 1)``
+    pulls the guide's mean of ``s`` towards 0; with ~100-200 training examples that pull outweighs the data
+    (``bench/demo_recipe.py``: the mean ends at ~10% of ``s0``), with thousands it does not.
+
+    :param locs: ``{site: (r,)}`` (or ``(r, in)`` for BLoB's ``A``) tensors, e.g. ``net.subspace.s0``.
+
+    Example::
+
+        model = ScalaBL(net, prior=centered_prior(net.subspace.s0), num_data=len(train))
+    """
+    if not float(scale) > 0:
+        raise ValueError(f"scale={scale!r} must be > 0")
+    return {site: dist.Normal(loc.detach().clone(), float(scale)).to_event(loc.dim()) for site, loc in locs.items()}
 
 
 def laplace_prior(scale: float = 1.0) -> PriorFn:

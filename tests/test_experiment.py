@@ -116,20 +116,24 @@ def test_grid_config_validation_and_roundtrip(tmp_path):
         GridConfig(scoring="words")
     with pytest.raises(ValueError, match="kl_anneal"):
         GridConfig(kl_anneal=1.5)
+    with pytest.raises(ValueError, match="prior='flat'; allowed: 'normal', 's0'"):
+        GridConfig(prior="flat")
     g = tiny_grid(ood={"openbookqa": ["arc_easy"]}, kl_anneal=0.25)
     g.save(tmp_path / "g.json")
     assert GridConfig.load(tmp_path / "g.json") == g
     assert json.loads((tmp_path / "g.json").read_text())["ood"] == {"openbookqa": ["arc_easy"]}
 
 
-def test_grid_kl_anneal_reaches_fit(tmp_path, monkeypatch):
+def test_grid_kl_anneal_and_prior_reach_fit(tmp_path, monkeypatch):
     seen = []
     real = experiment.train_method
     monkeypatch.setattr(experiment, "train_method",
-                        lambda *a, **k: seen.append(k["train_config"].kl_anneal) or real(*a, **k))
-    run_grid(tiny_grid(methods=("scalabl",), kl_anneal=0.5, ood={}), tmp_path, progress=False)
-    assert seen == [0.5]
-    assert load_results(tmp_path)[0]["grid"]["kl_anneal"] == 0.5
+                        lambda *a, **k: seen.append((k["train_config"].kl_anneal, k["prior"])) or real(*a, **k))
+    run_grid(tiny_grid(methods=("scalabl",), kl_anneal=0.5, ood={}), tmp_path / "a", progress=False)
+    run_grid(tiny_grid(methods=("scalabl",), prior="s0", ood={}), tmp_path / "b", progress=False)
+    assert seen == [(0.5, None), (0.0, "s0")]
+    assert load_results(tmp_path / "a")[0]["grid"]["kl_anneal"] == 0.5
+    assert load_results(tmp_path / "b")[0]["grid"]["prior"] == "s0"
 
 
 def test_label_words_must_agree():

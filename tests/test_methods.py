@@ -38,6 +38,20 @@ def test_method_trains_and_predicts(method, scoring, data):
         assert t.extra_params == a_params
 
 
+@pytest.mark.parametrize("method", ["scalabl", "blob"])
+def test_named_prior_s0_centres_the_prior_at_the_start(method, data):
+    train, _ = data
+    t = train_method(method, tiny_llama, train, label_words=("A", "B", "C", "D"), config=ScalaBLConfig(r=4),
+                     train_config=TrainConfig(steps=1, batch_size=4), prior="s0", progress=False)
+    model = t.models[0]
+    for site, info in model.net.subspace.sites.items():
+        d = model.prior(site, info.layer, info.event_shape)
+        torch.testing.assert_close(d.base_dist.loc, info.s0)
+        assert d.event_shape == info.s0.shape
+    with pytest.raises(ValueError, match="only named prior is 's0'"):
+        train_method(method, tiny_llama, train, label_words=("A", "B", "C", "D"), prior="flat", progress=False)
+
+
 def test_unknown_method():
     with pytest.raises(ValueError, match="choose one of"):
         train_method("bayes-by-magic", tiny_llama, [], label_words=("A", "B"))

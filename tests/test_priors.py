@@ -11,8 +11,8 @@ from pyro.infer import SVI, Trace_ELBO
 from conftest import synthetic_examples
 from scalabl_pyro.guides import default_guide
 from scalabl_pyro.model import ScalaBL
-from scalabl_pyro.priors import (LayerScalePrior, isotropic_normal, laplace_prior, normalize_prior,
-                                 student_t_prior)
+from scalabl_pyro.priors import (LayerScalePrior, centered_prior, isotropic_normal, laplace_prior,
+                                 normalize_prior, student_t_prior)
 
 SITE = "model.layers.0.self_attn.q_proj.s"
 OTHER = "lm_head.s"
@@ -172,3 +172,19 @@ def test_layer_scale_prior_params_and_gradients(make_model):
     for n in names:
         assert float(store[n].detach()) != before[n], n
         assert float(store[n].detach()) > 0
+
+
+def test_centered_prior_sits_at_s0(make_model):
+    base = make_model("letter")
+    s0 = base.net.subspace.s0
+    model = make_model("letter", prior=centered_prior(s0, scale=0.5))
+    assert set(s0) == set(model.latent_sites)
+    tr = _trace(model, model.net.collate(synthetic_examples(2)))
+    for site in model.latent_sites:
+        fn, x = tr.nodes[site]["fn"], tr.nodes[site]["value"]
+        assert fn.event_shape == (4,)
+        want = dist.Normal(s0[site], 0.5).log_prob(x).sum()
+        torch.testing.assert_close(fn.log_prob(x), want)
+        assert fn.log_prob(s0[site]) > fn.log_prob(torch.zeros_like(s0[site]))  # the mode is s0, not 0
+    with pytest.raises(ValueError, match="scale"):
+        centered_prior(s0, scale=0.0)
