@@ -15,6 +15,8 @@ def test_demo_and_overwrite(tmp_path, capsys):
     assert main(["demo", "--out", str(out), *TINY]) == 0
     text = capsys.readouterr().out
     assert "| countries | scalabl |" in text and "| countries_shifted | mle |" in text
+    assert "prior Normal(s0, 1)" in text  # the demo's prior (chosen on validation), unless --prior says otherwise
+    assert json.loads((run_dir(out, "countries", "scalabl", 0) / "result.json").read_text())["grid"]["prior"] == "s0"
     assert main(["demo", "--out", str(out), *TINY]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert main(["demo", "--out", str(out), *TINY, "--overwrite"]) == 0
