@@ -7,8 +7,8 @@ mean 0 before ``B`` has learned anything. KL annealing (``TrainConfig.kl_anneal`
 0 to 1 over that fraction of the steps; the final objective is the plain ELBO) is the usual remedy.
 
 This script splits the training countries 70 / 30 by seed (the test countries are not read), trains plain
-LoRA and ScalaBL with each ``--kl-anneal`` value (and, with ``--centered``, with the prior ``Normal(s0, 1)``) on the 70 % with the demo's budget and evaluates on the
-30 %: acc / ECE / NLL / Brier, plus the guide's mean ``|loc| / |s0|`` and mean scale at the end. Each cell
+LoRA and ScalaBL with each ``--kl-anneal`` value (and, with ``--centered``, with the prior ``Normal(s0, 1)``)
+on the 70 % with the demo's budget and evaluates on the 30 %: acc / ECE / NLL / Brier, plus the guide's mean ``|loc| / |s0|`` and mean scale at the end. Each cell
 is written to ``<out>/<name>.json`` atomically and skipped when present.
 
 Usage::
@@ -25,13 +25,12 @@ import time
 from pathlib import Path
 
 import pyro
-import pyro.distributions as dist
 import torch
 
-from scalabl_pyro import AdaptedLM, ScalaBLConfig, TrainConfig, country_task
+from scalabl_pyro import ScalaBLConfig, TrainConfig, country_task
 from scalabl_pyro._utils import atomic_write_json
 from scalabl_pyro.experiment import GridConfig, backbone_factory
-from scalabl_pyro.methods import train_method
+from scalabl_pyro.methods import PRIORS, train_method
 
 
 def split_by_country(examples, *, fraction: float = 0.3, seed: int = 0):
@@ -39,22 +38,11 @@ def split_by_country(examples, *, fraction: float = 0.3, seed: int = 0):
     countries = sorted({e.id.split(":", 1)[1] for e in examples})
     random.Random(f"recipe:{seed}").shuffle(countries)
     val = set(countries[:round(fraction * len(countries))])
-    return [e for e in examples if e.id.split(":", 1)[1] not in val], [e for e in examples if e.id.split(":", 1)[1] in val]
+    held = [e.id.split(":", 1)[1] in val for e in examples]
+    return [e for e, h in zip(examples, held) if not h], [e for e, h in zip(examples, held) if h]
 
 
-def _centered_at_s0(grid: GridConfig, device: str) -> dict:
-    """``{site: Normal(s0, 1)}``: the default prior's scale, centred where the guide starts instead of at 0.
-
-    ``s0`` depends only on the seed (peft draws ``A`` on the CPU, ``V``/``s0`` come from its SVD), so a throwaway
-    network built with the same seed gives the ``s0`` that :func:`train_method` will start from.
-    """
-    lm, tok = backbone_factory(grid.backbone, device)()
-    net = AdaptedLM(lm, tok, label_words=("A", "B", "C", "D"), config=ScalaBLConfig(r=grid.r, scoring=grid.scoring),
-                    subspace=True, seed=0)
-    return {site: dist.Normal(s0.clone(), 1.0).to_event(1) for site, s0 in net.subspace.s0.items()}
-
-
-def run(method: str, kl_anneal: float, grid: GridConfig, fit_set, val_set, device: str, prior=None) -> dict:
+def run(method: str, kl_anneal: float, grid: GridConfig, fit_set, val_set, device: str, prior: str) -> dict:
     torch.manual_seed(0)
     t0 = time.perf_counter()
     trained = train_method(method, backbone_factory(grid.backbone, device), fit_set, label_words=("A", "B", "C", "D"),
@@ -63,7 +51,7 @@ def run(method: str, kl_anneal: float, grid: GridConfig, fit_set, val_set, devic
                                                     guide_lr=grid.guide_lr, kl_anneal=kl_anneal, seed=0),
                            num_samples=grid.num_samples, prior=prior, progress=False)
     pred = trained.predict(val_set, progress=False)
-    row = {"method": method, "kl_anneal": kl_anneal, "prior": "N(s0, 1)" if prior else "N(0, 1)", "n_fit": len(fit_set), **pred.metrics(),
+    row = {"method": method, "kl_anneal": kl_anneal, "prior": PRIORS[prior], "n_fit": len(fit_set), **pred.metrics(),
            "mean_conf": pred.mean_probs.max(-1).values.mean().item(), "seconds": round(time.perf_counter() - t0, 1)}
     if method == "scalabl":
         store = pyro.get_param_store()
@@ -95,8 +83,7 @@ def main(argv=None) -> None:
         if path.exists():
             row = json.loads(path.read_text())
         else:
-            prior = _centered_at_s0(grid, a.device) if centered else None
-            row = run(method, kl, grid, fit_set, val_set, a.device, prior=prior)
+            row = run(method, kl, grid, fit_set, val_set, a.device, prior="s0" if centered else "normal")
             atomic_write_json(path, row)
         extra = (f"  |loc|/|s0| {row['loc_over_s0']:.3f}  scale {row['mean_scale']:.3f}" if "mean_scale" in row else "")
         print(f"{name:<26} n_fit {row['n_fit']} n_val {row['n']}  acc {row['acc']:.3f}  "

@@ -48,11 +48,12 @@ def _grid_overrides(args, **extra) -> dict:
 
 def cmd_demo(args) -> int:
     from .experiment import DEMO_PRIOR, GridConfig, demo
+    from .methods import PRIORS
 
     grid = GridConfig(**{"prior": DEMO_PRIOR, **_grid_overrides(args)})
     table = demo(args.out, grid=grid, progress=not args.quiet, overwrite=args.overwrite, device=args.device)
     print(f"\nScalaBL vs plain LoRA on the embedded countries task ({grid.backbone}, {grid.scoring} scoring, "
-          f"{grid.num_samples} posterior samples, prior {'Normal(s0, 1)' if grid.prior == 's0' else 'Normal(0, 1)'})\n")
+          f"{grid.num_samples} posterior samples, prior {PRIORS[grid.prior]})\n")
     print(table)
     print(f"\nWrote {Path(args.out) / 'results.md'}, {Path(args.out) / 'reliability.png'} and per-run JSON.")
     return 0
@@ -107,11 +108,12 @@ def cmd_train(args) -> int:
     torch.manual_seed(args.seed)
     trained = train_method(args.method, backbone_factory(args.backbone, args.device), list(train.examples),
                            label_words=train.label_words, config=cfg, train_config=tc, guide=args.guide,
-                           prior="s0" if args.prior == "s0" else None, progress=not args.quiet)
+                           prior=args.prior, progress=not args.quiet)
     save_run(out, trained.models[0], trained.guide, guide_kind=args.guide if trained.guide is not None else None,
              backbone=args.backbone, overwrite=args.overwrite,
              meta={"dataset": args.dataset, "method": args.method, "train": tc.to_dict(),
-                   "prior": args.prior or "normal", "final_loss": trained.losses[-1], "fit_seconds": trained.fit_seconds})
+                   "prior": args.prior or "normal", "final_loss": trained.losses[-1],
+                   "fit_seconds": trained.fit_seconds})
     print(f"trained {args.method} on {args.dataset} ({len(train)} examples, {tc.steps} steps, "
           f"{trained.fit_seconds:.0f} s); saved to {out}")
     return 0

@@ -27,7 +27,7 @@ from ._utils import atomic_path, atomic_write_json, atomic_write_text
 from .backbones import load_backbone, resolve_device, tiny_llama
 from .config import ScalaBLConfig, TrainConfig, _JsonConfig
 from .data import TaskData, load_task
-from .methods import METHODS, train_method
+from .methods import METHODS, PRIORS, resolve_prior, train_method
 from .metrics import ece_accuracy_plot, format_table, ood_auroc, paired_bootstrap, reliability_diagram
 from .tasks import country_task
 
@@ -36,7 +36,6 @@ __all__ = ["GridConfig", "resolve_task", "run_dir", "run_one", "run_grid", "repo
 
 METRIC_KEYS = ("acc", "ece", "nll", "brier")
 DEMO_METHODS = ("mle", "scalabl")
-PRIORS = ("normal", "s0")  # GridConfig.prior: Normal(0, 1) or Normal(s0, 1)
 #: The demo's prior: with 156 training questions Normal(0, 1) pulls s to ~10% of s0 and ScalaBL trails plain
 #: LoRA; Normal(s0, 1) does not (chosen on a validation split of the training countries, bench/demo_recipe.py).
 DEMO_PRIOR = "s0"
@@ -153,7 +152,7 @@ def run_one(grid: GridConfig, method: str, dataset: str, seed: int, out_dir, *, 
     torch.manual_seed(seed)
     trained = train_method(method, backbone_factory(grid.backbone, device), list(train.examples), label_words=words,
                            config=config, train_config=tc, guide=grid.guide, num_samples=grid.num_samples,
-                           prior=None if grid.prior == "normal" else grid.prior, progress=progress)
+                           prior=grid.prior, progress=progress)
     metrics, preds = {}, {}
     t0 = time.perf_counter()
     for name, task in evals.items():
@@ -219,9 +218,8 @@ def report_header(grid: GridConfig, results: Sequence[dict]) -> str:
     return "\n".join([
         f"Backbone `{grid.backbone}`, `{grid.scoring}` scoring (normalize={grid.normalize}), LoRA r={grid.r} on "
         f"q_proj/v_proj/lm_head; {grid.steps} steps x batch {grid.batch_size}, lr {grid.lr} (projections) / "
-        f"{grid.guide_lr} (guide), KL annealed over {grid.kl_anneal:.0%} of the steps, prior {grid.prior}, "
-        f"{grid.num_samples} posterior "
-        "samples at test time.",
+        f"{grid.guide_lr} (guide), KL annealed over {grid.kl_anneal:.0%} of the steps, prior "
+        f"{PRIORS[grid.prior]}, {grid.num_samples} posterior samples at test time.",
         f"Training sets capped at {grid.train_limit or 'all'} examples, each evaluation set at "
         f"{grid.test_limit or 'all'} (seeded subsets). Seeds per cell: see `seeds`. ECE uses 15 equal-width bins.",
         f"Finished runs: {len(results)} of {len(grid.methods) * len(grid.datasets) * len(grid.seeds)} in the grid; "
@@ -371,7 +369,7 @@ def compare_guides(out_dir, *, guides: Sequence[str] = ("normal", "diagonal", "l
 
     import pyro
 
-    grid = grid or GridConfig(prior=DEMO_PRIOR)
+    grid = grid or GridConfig()
     out_dir = Path(out_dir)
     train = resolve_task("countries", "train", limit=grid.train_limit)
     test = resolve_task("countries", "test", limit=grid.test_limit)
@@ -384,7 +382,7 @@ def compare_guides(out_dir, *, guides: Sequence[str] = ("normal", "diagonal", "l
         lm, tok = backbone_factory(grid.backbone, device)()
         net = AdaptedLM(lm, tok, label_words=train.label_words,
                         config=ScalaBLConfig(r=grid.r, scoring=grid.scoring, normalize=grid.normalize))
-        model = ScalaBL(net, num_data=len(train))
+        model = ScalaBL(net, prior=resolve_prior(grid.prior, net), num_data=len(train))
         guide = make_guide(name, model)
         res = fit(model, guide, list(train.examples), config=tc, progress=progress)
         tail = res.losses[-max(1, len(res.losses) // 10):]

@@ -218,12 +218,18 @@ def fit_bayesadapt_recipe(model: ScalaBL, guide, examples: Sequence, *, config: 
     return losses
 
 
-def _prior_for(prior, net: AdaptedLM):
-    if isinstance(prior, str):
-        if prior != "s0":
-            raise ValueError(f"prior={prior!r}: the only named prior is 's0' (Normal(s0, 1)); or pass a prior object")
-        return centered_prior(net.subspace.s0)
-    return prior
+#: Priors that :func:`train_method` (and ``GridConfig.prior`` / ``--prior``) accept by name.
+PRIORS = {"normal": "Normal(0, 1)", "s0": "Normal(s0, 1)"}
+
+
+def resolve_prior(prior, net: AdaptedLM):
+    """A prior by name (:data:`PRIORS`; ``"s0"`` needs ``net`` for its ``s0``) or any prior object, unchanged."""
+    if not isinstance(prior, str):
+        return prior
+    if prior not in PRIORS:
+        raise ValueError(f"prior={prior!r}: the only named prior is 's0' (Normal(s0, 1)), besides 'normal' "
+                         f"(Normal(0, 1), the default); or pass a prior object")
+    return centered_prior(net.subspace.s0) if prior == "s0" else None
 
 
 def train_method(method: str, backbone_fn: Callable[[], tuple], train_examples: Sequence, *, label_words,
@@ -235,7 +241,7 @@ def train_method(method: str, backbone_fn: Callable[[], tuple], train_examples: 
     :param backbone_fn: returns a fresh ``(model, tokenizer)`` (e.g. ``lambda: load_backbone("smollm2")``).
     :param guide: autoguide name for ``scalabl``/``blob`` (see :data:`~scalabl_pyro.guides.GUIDES`).
     :param prior: any prior form of :func:`~scalabl_pyro.priors.normalize_prior` (default ``Normal(0, 1)``), or
-        ``"s0"``: :func:`~scalabl_pyro.priors.centered_prior` at the network's own initial ``s0``.
+        a name from :data:`PRIORS`: ``"s0"`` is :func:`~scalabl_pyro.priors.centered_prior` at the net's ``s0``.
 
     Example::
 
@@ -275,20 +281,20 @@ def train_method(method: str, backbone_fn: Callable[[], tuple], train_examples: 
         return Trained(method, models, None, ensemble_size, losses, time.perf_counter() - t0,
                        (ensemble_size - 1) * lp, lp)
     if method == "scalabl_bayesadapt":
-        model = ScalaBL(net := net_of(True), prior=_prior_for(prior, net), num_data=n)
+        model = ScalaBL(net := net_of(True), prior=resolve_prior(prior, net), num_data=n)
         g = make_guide("normal", model)
         losses = fit_bayesadapt_recipe(model, g, train_examples, config=train_config, progress=progress)
         lp = lora_parameter_count(model.net)
         return Trained(method, [model], g, num_samples, losses, time.perf_counter() - t0,
                        sum(p.numel() for p in g.parameters()), lp)
     if method == "blob":
-        model = BLoB(net := net_of("A"), prior=_prior_for(prior, net), num_data=n)
+        model = BLoB(net := net_of("A"), prior=resolve_prior(prior, net), num_data=n)
         g = make_guide(guide, model)
     elif method == "laplace":
-        model = ScalaBL(net := net_of(True), prior=_prior_for(prior, net), num_data=n)
+        model = ScalaBL(net := net_of(True), prior=resolve_prior(prior, net), num_data=n)
         g = AutoLaplaceApproximation(model, init_loc_fn=init_to_s0(model))
     else:
-        model = ScalaBL(net := net_of(True), prior=_prior_for(prior, net), num_data=n)
+        model = ScalaBL(net := net_of(True), prior=resolve_prior(prior, net), num_data=n)
         g = make_guide(guide, model)
     res = fit(model, g, train_examples, config=train_config, progress=progress)
     if method == "laplace":

@@ -131,7 +131,7 @@ def test_grid_kl_anneal_and_prior_reach_fit(tmp_path, monkeypatch):
                         lambda *a, **k: seen.append((k["train_config"].kl_anneal, k["prior"])) or real(*a, **k))
     run_grid(tiny_grid(methods=("scalabl",), kl_anneal=0.5, ood={}), tmp_path / "a", progress=False)
     run_grid(tiny_grid(methods=("scalabl",), prior="s0", ood={}), tmp_path / "b", progress=False)
-    assert seen == [(0.5, None), (0.0, "s0")]
+    assert seen == [(0.5, "normal"), (0.0, "s0")]
     assert load_results(tmp_path / "a")[0]["grid"]["kl_anneal"] == 0.5
     assert load_results(tmp_path / "b")[0]["grid"]["prior"] == "s0"
 
@@ -144,3 +144,14 @@ def test_label_words_must_agree():
         experiment._label_words([a, b])
     c = TaskData("c", "test", (), ("A", "B", "C", "D", "E"))
     assert experiment._label_words([a, c]) == ("A", "B", "C", "D", "E")
+
+
+def test_compare_guides_honours_the_grid_prior(tmp_path, monkeypatch):
+    seen = []
+    real = experiment.resolve_prior
+    monkeypatch.setattr(experiment, "resolve_prior", lambda p, net: seen.append(p) or real(p, net))
+    rows = experiment.compare_guides(tmp_path, guides=("normal", "delta"), grid=tiny_grid(prior="s0"), progress=False)
+    assert seen == ["s0", "s0"]
+    assert [r["guide"] for r in rows] == ["normal", "delta"]
+    assert rows[0]["guide_params"] == 2 * 8 * 5 and rows[1]["guide_params"] == 8 * 5  # r=8, 5 sites: loc+scale / loc
+    assert (tmp_path / "guides.md").read_text().count("\n| ") == 3  # header row + two guides
