@@ -14,6 +14,7 @@ is written to ``<out>/<name>.json`` atomically and skipped when present.
 Usage::
 
     python bench/demo_recipe.py --out bench/demo_recipe                    # SmolLM2, ~15 min on 2 cores
+    python bench/demo_recipe.py --steps 400 --kl-anneal "" --centered --out bench/demo_recipe/steps400
     python bench/demo_recipe.py --backbone tiny --steps 2 --out /tmp/recipe
 """
 from __future__ import annotations
@@ -65,7 +66,7 @@ def run(method: str, kl_anneal: float, grid: GridConfig, fit_set, val_set, devic
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--kl-anneal", default="0,0.5", help="comma-separated TrainConfig.kl_anneal values for ScalaBL")
+    p.add_argument("--kl-anneal", default="0,0.5", help="comma-separated TrainConfig.kl_anneal values for ScalaBL (\"\" for none)")
     p.add_argument("--centered", action="store_true", help="also ScalaBL with the prior N(s0, 1) (no annealing)")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--backbone", default="smollm2")
@@ -75,7 +76,7 @@ def main(argv=None) -> None:
     grid = GridConfig(backbone=a.backbone, steps=a.steps)  # the demo's settings
     fit_set, val_set = split_by_country(list(country_task("train", seed=0).examples))
     out = Path(a.out)
-    cells = [("mle", 0.0, False)] + [("scalabl", float(x), False) for x in a.kl_anneal.split(",")]
+    cells = [("mle", 0.0, False)] + [("scalabl", float(x), False) for x in a.kl_anneal.split(",") if x]
     cells += [("scalabl", 0.0, True)] if a.centered else []
     for method, kl, centered in cells:
         name = "mle" if method == "mle" else ("scalabl.prior_s0" if centered else f"scalabl.kl_anneal{kl:g}")

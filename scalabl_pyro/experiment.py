@@ -32,13 +32,18 @@ from .metrics import ece_accuracy_plot, format_table, ood_auroc, paired_bootstra
 from .tasks import country_task
 
 __all__ = ["GridConfig", "resolve_task", "run_dir", "run_one", "run_grid", "report_grid", "summarize", "demo",
-           "compare_guides", "DEMO_METHODS", "GridMismatchError", "check_finished", "RUN_SETTINGS", "DEMO_PRIOR"]
+           "compare_guides", "DEMO_METHODS", "GridMismatchError", "check_finished", "RUN_SETTINGS", "DEMO_PRIOR",
+           "DEMO_STEPS"]
 
 METRIC_KEYS = ("acc", "ece", "nll", "brier")
 DEMO_METHODS = ("mle", "scalabl")
 #: The demo's prior: with 156 training questions Normal(0, 1) pulls s to ~10% of s0 and ScalaBL trails plain
 #: LoRA; Normal(s0, 1) does not (chosen on a validation split of the training countries, bench/demo_recipe.py).
 DEMO_PRIOR = "s0"
+#: The demo's training budget (200 steps x batch 8, ~10 epochs of its 156 questions). 400 steps (~20 epochs,
+#: nearer the reference recipe's ~31 on its smallest data set) was measured too (bench/demo_recipe.py and
+#: bench/README.md): one seed then takes ~17 min on 2 CPU cores, over the demo's 15-minute budget.
+DEMO_STEPS = 200
 
 
 def resolve_task(name: str, split: str, *, data_dir=None, limit: int | None = None, seed: int = 0) -> TaskData:
@@ -403,11 +408,12 @@ def demo(out_dir, *, grid: GridConfig | None = None, progress: bool = True, over
          device: str | None = None) -> str:
     """Fine-tune the default backbone on the default task with plain LoRA and ScalaBL; compare them.
 
-    The default ``grid`` uses the prior :data:`DEMO_PRIOR` (``Normal(s0, 1)``); see ``bench/README.md``.
+    The default ``grid`` uses the prior :data:`DEMO_PRIOR` (``Normal(s0, 1)``) and :data:`DEMO_STEPS` training
+    steps; see ``bench/README.md``.
     Writes per-run JSON, ``results.md`` and ``reliability.png`` (both models on one diagram) to ``out_dir``
     and returns the comparison table as Markdown.
     """
-    grid = grid or GridConfig(prior=DEMO_PRIOR)
+    grid = grid or GridConfig(prior=DEMO_PRIOR, steps=DEMO_STEPS)
     out_dir = Path(out_dir)
     if (out_dir / "results.md").exists() and not overwrite:
         from .io import RunExistsError

@@ -17,9 +17,19 @@ def test_demo_and_overwrite(tmp_path, capsys):
     assert "| countries | scalabl |" in text and "| countries_shifted | mle |" in text
     assert "prior Normal(s0, 1)" in text  # the demo's prior (chosen on validation), unless --prior says otherwise
     assert json.loads((run_dir(out, "countries", "scalabl", 0) / "result.json").read_text())["grid"]["prior"] == "s0"
+    assert "2 steps" in text  # --steps overrides the demo's budget
     assert main(["demo", "--out", str(out), *TINY]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert main(["demo", "--out", str(out), *TINY, "--overwrite"]) == 0
+
+
+def test_demo_defaults_to_its_own_budget_and_prior(monkeypatch):
+    import scalabl_pyro.experiment as experiment
+
+    seen = {}
+    monkeypatch.setattr(experiment, "demo", lambda out, *, grid, **kw: seen.setdefault("grid", grid) and "table")
+    assert main(["demo", "--out", "unused", "--quiet"]) == 0
+    assert (seen["grid"].steps, seen["grid"].prior) == (experiment.DEMO_STEPS, experiment.DEMO_PRIOR) == (200, "s0")
 
 
 def test_train_then_evaluate(tmp_path, capsys):
