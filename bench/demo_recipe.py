@@ -25,13 +25,14 @@ import random
 import time
 from pathlib import Path
 
-import pyro
 import torch
 
 from scalabl_pyro import ScalaBLConfig, TrainConfig, country_task
 from scalabl_pyro._utils import atomic_write_json
 from scalabl_pyro.experiment import GridConfig, backbone_factory
 from scalabl_pyro.methods import PRIORS, train_method
+
+from budget import guide_stats  # bench/budget.py, beside this script
 
 
 def split_by_country(examples, *, fraction: float = 0.3, seed: int = 0):
@@ -55,12 +56,7 @@ def run(method: str, kl_anneal: float, grid: GridConfig, fit_set, val_set, devic
     row = {"method": method, "kl_anneal": kl_anneal, "prior": PRIORS[prior], "n_fit": len(fit_set), **pred.metrics(),
            "mean_conf": pred.mean_probs.max(-1).values.mean().item(), "seconds": round(time.perf_counter() - t0, 1)}
     if method == "scalabl":
-        store = pyro.get_param_store()
-        s0 = trained.models[0].net.subspace.s0
-        locs = {k.split("locs.", 1)[1]: v.detach() for k, v in store.items() if ".locs." in k}
-        scales = [v.detach() for k, v in store.items() if ".scales." in k]
-        row["loc_over_s0"] = float(torch.stack([(locs[k].abs() / s0[k].abs()).mean() for k in locs]).mean())
-        row["mean_scale"] = float(torch.cat([s.flatten() for s in scales]).mean())
+        row.update(guide_stats(trained))
     return row
 
 

@@ -47,10 +47,10 @@ def _grid_overrides(args, **extra) -> dict:
 
 
 def cmd_demo(args) -> int:
-    from .experiment import DEMO_PRIOR, DEMO_STEPS, GridConfig, demo
+    from .experiment import demo, demo_grid
     from .methods import PRIORS
 
-    grid = GridConfig(**{"prior": DEMO_PRIOR, "steps": DEMO_STEPS, **_grid_overrides(args)})
+    grid = demo_grid(**_grid_overrides(args))
     table = demo(args.out, grid=grid, progress=not args.quiet, overwrite=args.overwrite, device=args.device)
     print(f"\nScalaBL vs plain LoRA on the embedded countries task ({grid.backbone}, {grid.scoring} scoring, "
           f"{grid.steps} steps, {grid.num_samples} posterior samples, prior {PRIORS[grid.prior]})\n")

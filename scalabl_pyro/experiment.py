@@ -33,7 +33,7 @@ from .tasks import country_task
 
 __all__ = ["GridConfig", "resolve_task", "run_dir", "run_one", "run_grid", "report_grid", "summarize", "demo",
            "compare_guides", "DEMO_METHODS", "GridMismatchError", "check_finished", "RUN_SETTINGS", "DEMO_PRIOR",
-           "DEMO_STEPS"]
+           "DEMO_STEPS", "demo_grid"]
 
 METRIC_KEYS = ("acc", "ece", "nll", "brier")
 DEMO_METHODS = ("mle", "scalabl")
@@ -44,6 +44,7 @@ DEMO_PRIOR = "s0"
 #: nearer the reference recipe's ~31 on its smallest data set) was measured too (bench/demo_recipe.py and
 #: bench/README.md): one seed then takes ~17 min on 2 CPU cores, over the demo's 15-minute budget.
 DEMO_STEPS = 200
+
 
 
 def resolve_task(name: str, split: str, *, data_dir=None, limit: int | None = None, seed: int = 0) -> TaskData:
@@ -404,6 +405,11 @@ def compare_guides(out_dir, *, guides: Sequence[str] = ("normal", "diagonal", "l
     return rows
 
 
+def demo_grid(**overrides) -> GridConfig:
+    """The demo's grid: :data:`DEMO_METHODS` on the countries task with :data:`DEMO_PRIOR` and :data:`DEMO_STEPS`."""
+    return GridConfig(**{"prior": DEMO_PRIOR, "steps": DEMO_STEPS, **overrides})
+
+
 def demo(out_dir, *, grid: GridConfig | None = None, progress: bool = True, overwrite: bool = False,
          device: str | None = None) -> str:
     """Fine-tune the default backbone on the default task with plain LoRA and ScalaBL; compare them.
@@ -413,7 +419,7 @@ def demo(out_dir, *, grid: GridConfig | None = None, progress: bool = True, over
     Writes per-run JSON, ``results.md`` and ``reliability.png`` (both models on one diagram) to ``out_dir``
     and returns the comparison table as Markdown.
     """
-    grid = grid or GridConfig(prior=DEMO_PRIOR, steps=DEMO_STEPS)
+    grid = grid or demo_grid()
     out_dir = Path(out_dir)
     if (out_dir / "results.md").exists() and not overwrite:
         from .io import RunExistsError
