@@ -38,12 +38,16 @@ def _grid_overrides(args, **extra) -> dict:
             "kl_anneal": "kl_anneal", "prior": "prior"}
     out = {v: getattr(args, k) for k, v in keys.items() if getattr(args, k, None) is not None}
     if getattr(args, "seeds", None):
-        try:
-            out["seeds"] = tuple(int(x) for x in args.seeds.split(","))
-        except ValueError:
-            raise ValueError(f"--seeds {args.seeds!r}: give integers separated by commas, e.g. 0,1,2") from None
+        out["seeds"] = _seeds_arg("--seeds", args.seeds)
     out.update({k: v for k, v in extra.items() if v is not None})
     return out
+
+
+def _seeds_arg(flag: str, text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"{flag} {text!r}: give integers separated by commas, e.g. 0,1,2") from None
 
 
 def cmd_demo(args) -> int:
@@ -70,8 +74,11 @@ def cmd_benchmark(args) -> int:
 
         rows = report_grid(grid, args.out, report=args.report)
     else:
+        only = {k: v.split(",") for k, v in (("datasets", args.only_datasets), ("methods", args.only_methods)) if v}
+        if args.only_seeds:
+            only["seeds"] = _seeds_arg("--only-seeds", args.only_seeds)
         rows = run_grid(grid, args.out, progress=not args.quiet, overwrite=args.overwrite, report=args.report,
-                        device=args.device, workers=args.workers)
+                        device=args.device, workers=args.workers, only=only)
     print(format_table(rows) if rows else f"No finished runs in {args.out} yet.")
     return 0
 
@@ -163,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", default=None, help="also write a Markdown report (e.g. bench/RESULTS.md)")
     p.add_argument("--no-run", action="store_true", help="only rebuild the tables and report from finished runs")
     p.add_argument("--workers", type=int, default=1, help="runs at once, each in its own process (e.g. 8 on one GPU)")
+    for what in ("datasets", "methods", "seeds"):
+        p.add_argument(f"--only-{what}", default=None, metavar=what.upper(),
+                       help=f"comma-separated {what} of the grid to run now; grid.json and the report keep the whole grid")
     _add_common(p)
     p.set_defaults(fn=cmd_benchmark)
     p = sub.add_parser("compare-guides", help="train ScalaBL with each autoguide on the default task and compare")

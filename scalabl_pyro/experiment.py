@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import mean, pstdev
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 
@@ -310,8 +310,26 @@ def _run_cell(args) -> tuple[str, str | None]:
         return cell, f"{type(e).__name__}: {e}"
 
 
+def _only_cells(grid: GridConfig, only: Mapping[str, Sequence] | None) -> dict[str, set]:
+    """Normalize :func:`run_grid`'s ``only``: each of ``datasets``/``methods``/``seeds`` -> the grid's values kept."""
+    keys = ("datasets", "methods", "seeds")
+    only = dict(only or {})
+    if unknown := sorted(set(only) - set(keys)):
+        raise ValueError(f"only: unknown key(s) {unknown}; allowed: {list(keys)}")
+    keep = {}
+    for k in keys:
+        allowed = getattr(grid, k)
+        wanted = list(only.get(k) or allowed)
+        if missing := [v for v in wanted if v not in allowed]:
+            raise ValueError(f"only: {k} {missing} are not in the grid ({list(allowed)}); add them to the grid "
+                             f"config, or pick among those")
+        keep[k] = set(wanted)
+    return keep
+
+
 def run_grid(grid: GridConfig, out_dir, *, progress: bool = True, overwrite: bool = False,
-             report: str | os.PathLike | None = None, device: str | None = None, workers: int = 1) -> list[dict]:
+             report: str | os.PathLike | None = None, device: str | None = None, workers: int = 1,
+             only: Mapping[str, Sequence] | None = None) -> list[dict]:
     """Run every (dataset, method, seed) not finished yet, then rewrite the tables. Safe to interrupt.
 
     :param report: also write a Markdown report (header with budget, hardware, date and command + table) there.
@@ -319,8 +337,17 @@ def run_grid(grid: GridConfig, out_dir, *, progress: bool = True, overwrite: boo
     :raises GridMismatchError: (before running anything) finished runs in ``out_dir`` used other settings.
     :param workers: run cells in this many worker processes at once (one GPU serves several small runs;
         each worker gets ``cpu_count // workers`` threads). A failed cell is reported and the others go on.
+    :param only: run just these cells now, e.g. ``{"datasets": ["boolq"], "seeds": [2]}`` (keys ``datasets``,
+        ``methods``, ``seeds``; values must be in the grid). ``grid.json`` and the tables still describe the
+        whole grid, so machines can share a grid's cells without a config of their own.
+
+    Example::
+
+        grid = GridConfig.load("bench/grid_cpu.json")
+        run_grid(grid, "bench/results", only={"datasets": ["boolq"], "seeds": [2]}, report="bench/RESULTS.md")
     """
     out_dir = Path(out_dir)
+    keep = _only_cells(grid, only)
     if not overwrite:
         check_finished(grid, load_results(out_dir), out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -329,6 +356,8 @@ def run_grid(grid: GridConfig, out_dir, *, progress: bool = True, overwrite: boo
     for seed in grid.seeds:  # seed-major: an interrupted grid has whole tables for its first seeds
         for dataset in grid.datasets:
             for method in grid.methods:
+                if seed not in keep["seeds"] or dataset not in keep["datasets"] or method not in keep["methods"]:
+                    continue
                 folder = run_dir(out_dir, dataset, method, seed)
                 if (folder / "result.json").exists() and not overwrite:
                     print(f"[skip] {folder.name} (finished)", flush=True)

@@ -67,6 +67,15 @@ def test_benchmark_runs_then_reports_without_running(tmp_path, capsys):
     assert "other settings" in capsys.readouterr().err
 
 
+def test_benchmark_only_flags_run_a_subset(tmp_path):
+    out = tmp_path / "grid"
+    assert main(["benchmark", "--out", str(out), "--device", "cpu", *TINY, "--seeds", "0,1",
+                 "--only-methods", "mle", "--only-seeds", "1"]) == 0
+    assert [p.parent.name for p in out.glob("*/result.json")] == [run_dir(out, "countries", "mle", 1).name]
+    assert json.loads((out / "grid.json").read_text())["seeds"] == [0, 1]
+    assert main(["benchmark", "--out", str(out), *TINY, "--only-seeds", "one"]) == 2
+
+
 @pytest.mark.parametrize("argv, message", [
     (["train", "--dataset", "openbookqaa"], "openbookqa"),
     (["evaluate", "/nonexistent/run"], "not a run directory"),

@@ -53,6 +53,21 @@ def test_grid_writes_results_and_resumes(tmp_path, monkeypatch):
     experiment.report_grid(tiny_grid(methods=("mle",)), tmp_path)
 
 
+def test_grid_only_runs_some_cells_and_keeps_the_whole_grid(tmp_path, monkeypatch):
+    grid = tiny_grid(seeds=(0, 1), ood={})
+    calls = []
+    monkeypatch.setattr(experiment, "run_one", lambda g, m, d, s, *a, **k: calls.append((d, m, s)))
+    run_grid(grid, tmp_path, progress=False, only={"methods": ["scalabl"], "seeds": [1]})
+    assert calls == [("countries", "scalabl", 1)]
+    # grid.json (and so the report's "of N runs" and its regenerate command) still describes the whole grid
+    assert GridConfig.load(tmp_path / "grid.json") == grid
+    with pytest.raises(ValueError, match=r"seeds \[2\] are not in the grid \(\[0, 1\]\)"):
+        run_grid(grid, tmp_path, progress=False, only={"seeds": [2]})
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['dataset'\].*'datasets'"):
+        run_grid(grid, tmp_path, progress=False, only={"dataset": ["countries"]})
+    assert len(calls) == 1
+
+
 def test_grid_with_worker_processes_matches_sequential(tmp_path):
     grid = tiny_grid(methods=("mle", "scalabl", "map"), seeds=(0,))
     run_grid(grid, tmp_path / "seq", progress=False)
