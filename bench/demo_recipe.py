@@ -15,6 +15,8 @@ Usage::
 
     python bench/demo_recipe.py --out bench/demo_recipe                    # SmolLM2, ~15 min on 2 cores
     python bench/demo_recipe.py --steps 400 --kl-anneal "" --centered --out bench/demo_recipe/steps400
+    python bench/demo_recipe.py --kl-anneal "" --centered --guide-lr 0.01,0.05,0.1 --split-seed 1 \
+        --out bench/demo_recipe/guide_lr/split1
     python bench/demo_recipe.py --backbone tiny --steps 2 --out /tmp/recipe
 """
 from __future__ import annotations
@@ -44,16 +46,18 @@ def split_by_country(examples, *, fraction: float = 0.3, seed: int = 0):
     return [e for e, h in zip(examples, held) if not h], [e for e, h in zip(examples, held) if h]
 
 
-def run(method: str, kl_anneal: float, grid: GridConfig, fit_set, val_set, device: str, prior: str) -> dict:
+def run(method: str, kl_anneal: float, grid: GridConfig, fit_set, val_set, device: str, prior: str,
+        guide_lr: float) -> dict:
     torch.manual_seed(0)
     t0 = time.perf_counter()
     trained = train_method(method, backbone_factory(grid.backbone, device), fit_set, label_words=("A", "B", "C", "D"),
                            config=ScalaBLConfig(r=grid.r, scoring=grid.scoring, normalize=grid.normalize),
                            train_config=TrainConfig(steps=grid.steps, batch_size=grid.batch_size, lr=grid.lr,
-                                                    guide_lr=grid.guide_lr, kl_anneal=kl_anneal, seed=0),
+                                                    guide_lr=guide_lr, kl_anneal=kl_anneal, seed=0),
                            num_samples=grid.num_samples, prior=prior, progress=False)
     pred = trained.predict(val_set, progress=False)
-    row = {"method": method, "kl_anneal": kl_anneal, "prior": PRIORS[prior], "n_fit": len(fit_set), **pred.metrics(),
+    row = {"method": method, "kl_anneal": kl_anneal, "prior": PRIORS[prior], "guide_lr": guide_lr,
+           "n_fit": len(fit_set), **pred.metrics(),
            "mean_conf": pred.mean_probs.max(-1).values.mean().item(), "seconds": round(time.perf_counter() - t0, 1)}
     if method == "scalabl":
         row.update(guide_stats(trained))
@@ -64,23 +68,29 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--kl-anneal", default="0,0.5", help="comma-separated TrainConfig.kl_anneal values for ScalaBL (\"\" for none)")
     p.add_argument("--centered", action="store_true", help="also ScalaBL with the prior N(s0, 1) (no annealing)")
+    p.add_argument("--guide-lr", default="0.01",
+                   help="comma-separated guide learning rates for the --centered cell (default: the demo's 0.01)")
+    p.add_argument("--split-seed", type=int, default=0,
+                   help="which 70/30 split of the training countries (repeated hold-out; 0 is the original split)")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--backbone", default="smollm2")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="bench/demo_recipe")
     a = p.parse_args(argv)
     grid = GridConfig(backbone=a.backbone, steps=a.steps)  # the demo's settings
-    fit_set, val_set = split_by_country(list(country_task("train", seed=0).examples))
+    fit_set, val_set = split_by_country(list(country_task("train", seed=0).examples), seed=a.split_seed)
     out = Path(a.out)
-    cells = [("mle", 0.0, False)] + [("scalabl", float(x), False) for x in a.kl_anneal.split(",") if x]
-    cells += [("scalabl", 0.0, True)] if a.centered else []
-    for method, kl, centered in cells:
+    lr0 = grid.guide_lr
+    cells = [("mle", 0.0, False, lr0)] + [("scalabl", float(x), False, lr0) for x in a.kl_anneal.split(",") if x]
+    cells += [("scalabl", 0.0, True, float(x)) for x in a.guide_lr.split(",") if x] if a.centered else []
+    for method, kl, centered, glr in cells:
         name = "mle" if method == "mle" else ("scalabl.prior_s0" if centered else f"scalabl.kl_anneal{kl:g}")
+        name += f".guide_lr{glr:g}" if glr != lr0 else ""
         path = out / f"{name}.json"
         if path.exists():
             row = json.loads(path.read_text())
         else:
-            row = run(method, kl, grid, fit_set, val_set, a.device, prior="s0" if centered else "normal")
+            row = run(method, kl, grid, fit_set, val_set, a.device, prior="s0" if centered else "normal", guide_lr=glr)
             atomic_write_json(path, row)
         extra = (f"  |loc|/|s0| {row['loc_over_s0']:.3f}  scale {row['mean_scale']:.3f}" if "mean_scale" in row else "")
         print(f"{name:<26} n_fit {row['n_fit']} n_val {row['n']}  acc {row['acc']:.3f}  "
