@@ -14,7 +14,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="training steps (default: 200)")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None, help="learning rate of the LoRA projections")
-    p.add_argument("--guide-lr", type=float, default=None, help="learning rate of the variational parameters")
+    p.add_argument("--guide-lr", type=float, default=None,
+                   help="learning rate of the variational parameters (default 0.01; demo 0.05)")
     p.add_argument("--scoring", choices=("letter", "choice"), default=None)
     p.add_argument("--num-samples", type=int, default=None, help="posterior samples at test time (default 10)")
     p.add_argument("--kl-anneal", type=float, default=None,
@@ -57,7 +58,8 @@ def cmd_demo(args) -> int:
     grid = demo_grid(**_grid_overrides(args))
     table = demo(args.out, grid=grid, progress=not args.quiet, overwrite=args.overwrite, device=args.device)
     print(f"\nScalaBL vs plain LoRA on the embedded countries task ({grid.backbone}, {grid.scoring} scoring, "
-          f"{grid.steps} steps, {grid.num_samples} posterior samples, prior {PRIORS[grid.prior]})\n")
+          f"{grid.steps} steps, guide lr {grid.guide_lr:g}, {grid.num_samples} posterior samples, prior "
+          f"{PRIORS[grid.prior]})\n")
     print(table)
     print(f"\nWrote {Path(args.out) / 'results.md'}, {Path(args.out) / 'reliability.png'} and per-run JSON.")
     return 0

@@ -29,7 +29,12 @@ def test_demo_defaults_to_its_own_budget_and_prior(monkeypatch):
     seen = {}
     monkeypatch.setattr(experiment, "demo", lambda out, *, grid, **kw: seen.setdefault("grid", grid) and "table")
     assert main(["demo", "--out", "unused", "--quiet"]) == 0
-    assert (seen["grid"].steps, seen["grid"].prior) == (experiment.DEMO_STEPS, experiment.DEMO_PRIOR) == (200, "s0")
+    g = seen["grid"]
+    assert (g.steps, g.prior, g.guide_lr) == (experiment.DEMO_STEPS, experiment.DEMO_PRIOR,
+                                              experiment.DEMO_GUIDE_LR) == (200, "s0", 0.05)
+    seen.clear()
+    assert main(["demo", "--out", "unused", "--quiet", "--guide-lr", "0.01"]) == 0
+    assert seen["grid"].guide_lr == 0.01
 
 
 def test_train_then_evaluate(tmp_path, capsys):
