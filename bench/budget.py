@@ -13,6 +13,7 @@ Usage::
 
     python bench/budget.py --out bench/budget                       # WinoGrande-S, SmolLM2, 2 CPU cores
     python bench/budget.py --out bench/budget --prior s0            # ScalaBL with Normal(s0, 1) (MLE cells reused)
+    python bench/budget.py --out bench/budget --steps 200 --guide-lr 0.05   # a faster-settling posterior
     python bench/budget.py --backbone tiny --steps 2,4 --out /tmp/budget --dataset countries
 """
 from __future__ import annotations
@@ -69,7 +70,8 @@ def run(method: str, steps: int, grid: GridConfig, fit_set, val_set, words, devi
                                                     guide_lr=grid.guide_lr, seed=0),
                            num_samples=grid.num_samples, prior=grid.prior, progress=False)
     pred = trained.predict(val_set, progress=False)
-    row = {"method": method, "steps": steps, "prior": PRIORS[grid.prior], "n_fit": len(fit_set), **pred.metrics(),
+    row = {"method": method, "steps": steps, "prior": PRIORS[grid.prior], "guide_lr": grid.guide_lr,
+           "n_fit": len(fit_set), **pred.metrics(),
            "epochs": round(steps * grid.batch_size / len(fit_set), 1),
            "mean_conf": pred.mean_probs.max(-1).values.mean().item(), "seconds": round(time.perf_counter() - t0, 1)}
     if method == "scalabl":
@@ -85,14 +87,18 @@ def main(argv=None) -> None:
     p.add_argument("--grid", default="bench/grid_cpu.json", help="grid config giving every other setting")
     p.add_argument("--backbone", default=None, help="override the grid's backbone (e.g. tiny)")
     p.add_argument("--prior", default=None, choices=sorted(PRIORS), help="ScalaBL's prior (default: the grid's)")
+    p.add_argument("--guide-lr", type=float, default=None, help="ScalaBL's guide learning rate (default: the grid's)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="bench/budget")
     a = p.parse_args(argv)
     grid = GridConfig.load(a.grid)
     if a.backbone:
         grid = dataclasses.replace(grid, backbone=a.backbone)
+    glr0 = grid.guide_lr
     if a.prior:
         grid = dataclasses.replace(grid, prior=a.prior)
+    if a.guide_lr:
+        grid = dataclasses.replace(grid, guide_lr=a.guide_lr)
     train = resolve_task(a.dataset, "train", data_dir=grid.data_dir, limit=grid.train_limit, seed=0)
     group = twin_pair if a.dataset.startswith("winogrande") else (lambda e: e.id)
     fit_set, val_set = holdout(list(train.examples), fraction=a.val_fraction, group=group)
@@ -101,6 +107,7 @@ def main(argv=None) -> None:
     for steps in (int(x) for x in a.steps.split(",")):
         for method in ("mle", "scalabl"):
             tag = f".prior_{grid.prior}" if method == "scalabl" and grid.prior != "normal" else ""
+            tag += f".guide_lr{grid.guide_lr:g}" if method == "scalabl" and grid.guide_lr != glr0 else ""
             path = out / f"{a.dataset}.{method}{tag}.steps{steps}.json"
             if path.exists():
                 row = json.loads(path.read_text())
