@@ -28,7 +28,6 @@ from pathlib import Path
 import pyro
 import torch
 
-from scalabl_pyro import ScalaBLConfig, TrainConfig
 from scalabl_pyro._utils import atomic_write_json
 from scalabl_pyro.experiment import GridConfig, backbone_factory, resolve_task
 from scalabl_pyro.methods import PRIORS, train_method
@@ -61,18 +60,17 @@ def guide_stats(trained) -> dict:
     return {"mean_scale": float(scales.mean()), "loc_over_s0": float(ratio)}
 
 
-def run(method: str, steps: int, grid: GridConfig, fit_set, val_set, words, device: str) -> dict:
+def validate(method: str, grid: GridConfig, fit_set, val_set, words, device: str) -> dict:
+    """Train ``method`` on ``fit_set`` with ``grid``'s settings (seed 0); its metrics on ``val_set`` as one row."""
     torch.manual_seed(0)
     t0 = time.perf_counter()
     trained = train_method(method, backbone_factory(grid.backbone, device), fit_set, label_words=words,
-                           config=ScalaBLConfig(r=grid.r, scoring=grid.scoring, normalize=grid.normalize),
-                           train_config=TrainConfig(steps=steps, batch_size=grid.batch_size, lr=grid.lr,
-                                                    guide_lr=grid.guide_lr, seed=0),
+                           config=grid.model_config(), train_config=grid.train_config(),
                            num_samples=grid.num_samples, prior=grid.prior, progress=False)
     pred = trained.predict(val_set, progress=False)
-    row = {"method": method, "steps": steps, "prior": PRIORS[grid.prior], "guide_lr": grid.guide_lr,
-           "n_fit": len(fit_set), **pred.metrics(),
-           "epochs": round(steps * grid.batch_size / len(fit_set), 1),
+    row = {"method": method, "steps": grid.steps, "prior": PRIORS[grid.prior], "guide_lr": grid.guide_lr,
+           "kl_anneal": grid.kl_anneal, "n_fit": len(fit_set), **pred.metrics(),
+           "epochs": round(grid.steps * grid.batch_size / len(fit_set), 1),
            "mean_conf": pred.mean_probs.max(-1).values.mean().item(), "seconds": round(time.perf_counter() - t0, 1)}
     if method == "scalabl":
         row.update(guide_stats(trained))
@@ -112,7 +110,7 @@ def main(argv=None) -> None:
             if path.exists():
                 row = json.loads(path.read_text())
             else:
-                row = run(method, steps, grid, fit_set, val_set, words, a.device)
+                row = validate(method, dataclasses.replace(grid, steps=steps), fit_set, val_set, words, a.device)
                 atomic_write_json(path, row)
             extra = (f"  MI {row['mean_mi']:.5f}  scale {row['mean_scale']:.3f}  |loc|/|s0| {row['loc_over_s0']:.3f}"
                      if "mean_scale" in row else "")

@@ -22,19 +22,16 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
-import time
 from pathlib import Path
 
-import torch
-
-from scalabl_pyro import ScalaBLConfig, TrainConfig, country_task
+from scalabl_pyro import country_task
 from scalabl_pyro._utils import atomic_write_json
-from scalabl_pyro.experiment import GridConfig, backbone_factory
-from scalabl_pyro.methods import PRIORS, train_method
+from scalabl_pyro.experiment import GridConfig
 
-from budget import guide_stats  # bench/budget.py, beside this script
+from budget import validate  # bench/budget.py, beside this script
 
 
 def split_by_country(examples, *, fraction: float = 0.3, seed: int = 0):
@@ -44,24 +41,6 @@ def split_by_country(examples, *, fraction: float = 0.3, seed: int = 0):
     val = set(countries[:round(fraction * len(countries))])
     held = [e.id.split(":", 1)[1] in val for e in examples]
     return [e for e, h in zip(examples, held) if not h], [e for e, h in zip(examples, held) if h]
-
-
-def run(method: str, kl_anneal: float, grid: GridConfig, fit_set, val_set, device: str, prior: str,
-        guide_lr: float) -> dict:
-    torch.manual_seed(0)
-    t0 = time.perf_counter()
-    trained = train_method(method, backbone_factory(grid.backbone, device), fit_set, label_words=("A", "B", "C", "D"),
-                           config=ScalaBLConfig(r=grid.r, scoring=grid.scoring, normalize=grid.normalize),
-                           train_config=TrainConfig(steps=grid.steps, batch_size=grid.batch_size, lr=grid.lr,
-                                                    guide_lr=guide_lr, kl_anneal=kl_anneal, seed=0),
-                           num_samples=grid.num_samples, prior=prior, progress=False)
-    pred = trained.predict(val_set, progress=False)
-    row = {"method": method, "kl_anneal": kl_anneal, "prior": PRIORS[prior], "guide_lr": guide_lr,
-           "n_fit": len(fit_set), **pred.metrics(),
-           "mean_conf": pred.mean_probs.max(-1).values.mean().item(), "seconds": round(time.perf_counter() - t0, 1)}
-    if method == "scalabl":
-        row.update(guide_stats(trained))
-    return row
 
 
 def main(argv=None) -> None:
@@ -90,7 +69,8 @@ def main(argv=None) -> None:
         if path.exists():
             row = json.loads(path.read_text())
         else:
-            row = run(method, kl, grid, fit_set, val_set, a.device, prior="s0" if centered else "normal", guide_lr=glr)
+            cell = dataclasses.replace(grid, kl_anneal=kl, guide_lr=glr, prior="s0" if centered else "normal")
+            row = validate(method, cell, fit_set, val_set, ("A", "B", "C", "D"), a.device)
             atomic_write_json(path, row)
         extra = (f"  |loc|/|s0| {row['loc_over_s0']:.3f}  scale {row['mean_scale']:.3f}" if "mean_scale" in row else "")
         print(f"{name:<26} n_fit {row['n_fit']} n_val {row['n']}  acc {row['acc']:.3f}  "

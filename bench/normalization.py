@@ -18,13 +18,13 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
 
 import torch
 
-from scalabl_pyro import ScalaBLConfig, TrainConfig
 from scalabl_pyro._utils import atomic_write_json
 from scalabl_pyro.experiment import GridConfig, backbone_factory, resolve_task
 from scalabl_pyro.methods import train_method
@@ -37,8 +37,8 @@ def run(dataset: str, normalize: str, grid: GridConfig, *, limit: int, device: s
     torch.manual_seed(0)
     t0 = time.perf_counter()
     trained = train_method("mle", backbone_factory(grid.backbone, device), list(train.examples), label_words=words,
-                           config=ScalaBLConfig(r=grid.r, scoring="choice", normalize=normalize),
-                           train_config=TrainConfig(steps=grid.steps, batch_size=grid.batch_size, lr=grid.lr, seed=0),
+                           config=dataclasses.replace(grid, scoring="choice", normalize=normalize).model_config(),
+                           train_config=grid.train_config(),
                            progress=False)
     pred = trained.predict(list(val.examples), progress=False)
     conf = pred.mean_probs.max(-1).values.mean().item()

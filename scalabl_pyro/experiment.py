@@ -118,9 +118,16 @@ class GridConfig(_JsonConfig):
             raise ValueError("a grid needs at least one dataset and one seed")
         if self.prior not in PRIORS:
             raise ValueError(f"prior={self.prior!r}; allowed: {', '.join(map(repr, PRIORS))}")
-        ScalaBLConfig(r=self.r, scoring=self.scoring, normalize=self.normalize)  # validates
-        TrainConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr, guide_lr=self.guide_lr,
-                    kl_anneal=self.kl_anneal)
+        self.model_config(), self.train_config()  # validate
+
+    def model_config(self) -> ScalaBLConfig:
+        """The adapter settings of every run: ``r``, ``scoring``, ``normalize``."""
+        return ScalaBLConfig(r=self.r, scoring=self.scoring, normalize=self.normalize)
+
+    def train_config(self, *, seed: int = 0) -> TrainConfig:
+        """The training settings of every run (steps, batch, learning rates, KL annealing) for ``seed``."""
+        return TrainConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr, guide_lr=self.guide_lr,
+                           kl_anneal=self.kl_anneal, seed=seed)
 
     def to_dict(self) -> dict:
         d = super().to_dict()
@@ -157,12 +164,9 @@ def run_one(grid: GridConfig, method: str, dataset: str, seed: int, out_dir, *, 
     for name in grid.ood.get(dataset, []):
         evals[name] = resolve_task(name, "test", data_dir=grid.data_dir, limit=grid.test_limit, seed=0)
     words = _label_words([train, *evals.values()])
-    config = ScalaBLConfig(r=grid.r, scoring=grid.scoring, normalize=grid.normalize)
-    tc = TrainConfig(steps=grid.steps, batch_size=grid.batch_size, lr=grid.lr, guide_lr=grid.guide_lr,
-                     kl_anneal=grid.kl_anneal, seed=seed)
     torch.manual_seed(seed)
     trained = train_method(method, backbone_factory(grid.backbone, device), list(train.examples), label_words=words,
-                           config=config, train_config=tc, guide=grid.guide, num_samples=grid.num_samples,
+                           config=grid.model_config(), train_config=grid.train_config(seed=seed), guide=grid.guide, num_samples=grid.num_samples,
                            prior=grid.prior, progress=progress)
     metrics, preds = {}, {}
     t0 = time.perf_counter()
@@ -413,15 +417,14 @@ def compare_guides(out_dir, *, guides: Sequence[str] = ("normal", "diagonal", "l
     out_dir = Path(out_dir)
     train = resolve_task("countries", "train", limit=grid.train_limit)
     test = resolve_task("countries", "test", limit=grid.test_limit)
-    tc = TrainConfig(steps=grid.steps, batch_size=grid.batch_size, lr=grid.lr, guide_lr=grid.guide_lr,
-                     kl_anneal=grid.kl_anneal)
+    tc = grid.train_config()
     rows = []
     for name in guides:
         pyro.clear_param_store()
         torch.manual_seed(0)
         lm, tok = backbone_factory(grid.backbone, device)()
         net = AdaptedLM(lm, tok, label_words=train.label_words,
-                        config=ScalaBLConfig(r=grid.r, scoring=grid.scoring, normalize=grid.normalize))
+                        config=grid.model_config())
         model = ScalaBL(net, prior=resolve_prior(grid.prior, net), num_data=len(train))
         guide = make_guide(name, model)
         res = fit(model, guide, list(train.examples), config=tc, progress=progress)

@@ -137,6 +137,10 @@ def test_grid_config_validation_and_roundtrip(tmp_path):
     g.save(tmp_path / "g.json")
     assert GridConfig.load(tmp_path / "g.json") == g
     assert json.loads((tmp_path / "g.json").read_text())["ood"] == {"openbookqa": ["arc_easy"]}
+    # the run settings every caller (runs, compare-guides, bench scripts) builds from one grid
+    tc, mc = g.train_config(seed=3), g.model_config()
+    assert (tc.steps, tc.batch_size, tc.lr, tc.guide_lr, tc.kl_anneal, tc.seed) == (2, 4, g.lr, g.guide_lr, 0.25, 3)
+    assert (mc.r, mc.scoring, mc.normalize) == (g.r, g.scoring, g.normalize)
 
 
 def test_grid_kl_anneal_and_prior_reach_fit(tmp_path, monkeypatch):
