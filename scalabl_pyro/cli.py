@@ -174,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="runs at once, each in its own process (e.g. 8 on one GPU)")
     for what in ("datasets", "methods", "seeds"):
         p.add_argument(f"--only-{what}", default=None, metavar=what.upper(),
-                       help=f"comma-separated {what} of the grid to run now; grid.json and the report keep the whole grid")
+                       help=f"comma-separated {what} of the grid to run now (grid.json and the report keep "
+                            f"the whole grid)")
     _add_common(p)
     p.set_defaults(fn=cmd_benchmark)
     p = sub.add_parser("compare-guides", help="train ScalaBL with each autoguide on the default task and compare")

@@ -166,8 +166,8 @@ def run_one(grid: GridConfig, method: str, dataset: str, seed: int, out_dir, *, 
     words = _label_words([train, *evals.values()])
     torch.manual_seed(seed)
     trained = train_method(method, backbone_factory(grid.backbone, device), list(train.examples), label_words=words,
-                           config=grid.model_config(), train_config=grid.train_config(seed=seed), guide=grid.guide, num_samples=grid.num_samples,
-                           prior=grid.prior, progress=progress)
+                           config=grid.model_config(), train_config=grid.train_config(seed=seed), guide=grid.guide,
+                           num_samples=grid.num_samples, prior=grid.prior, progress=progress)
     metrics, preds = {}, {}
     t0 = time.perf_counter()
     for name, task in evals.items():
