@@ -27,8 +27,12 @@ from scalabl_pyro.metrics import classification_metrics
 
 
 def passage(example) -> str:
-    """The passage of a BoolQ prompt (``"<passage>\\nQuestion: ..."``)."""
-    return example.context.split("\nQuestion:")[0]
+    """The passage of a BoolQ prompt (``"<passage>\\nQuestion: ..."``, as :mod:`scalabl_pyro.data` writes it)."""
+    head, sep, _ = example.context.partition("\nQuestion:")
+    if not sep:
+        raise SystemExit(f"BoolQ item {example.id!r} has no '\\nQuestion:' in its prompt: the prompt format of "
+                         f"scalabl_pyro.data changed; update passage() in this script")
+    return head
 
 
 def main(argv=None) -> None:
