@@ -15,6 +15,7 @@ every choice of a question is scored with the same ``s``.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Mapping, Sequence
 
 import torch
@@ -34,6 +35,13 @@ def _single_token(tokenizer, word: str) -> int:
             "needs one token per answer. Use scoring='choice' or answer words that are single tokens."
         )
     return ids[0]
+
+
+def _cache_kwarg(decoder: nn.Module) -> str:
+    """Name of the decoder's key/value-cache argument (and output field): ``"cache"`` from transformers 5.24
+    on, ``"past_key_values"`` before (5.24 still accepts it with a FutureWarning; 5.40 drops it)."""
+    params = inspect.signature(decoder.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 class AdaptedLM:
@@ -85,6 +93,7 @@ class AdaptedLM:
         hf = self.peft_model.get_base_model()
         self.decoder = getattr(hf, hf.base_model_prefix)
         self.head = hf.get_output_embeddings()
+        self._cache_kw = _cache_kwarg(self.decoder)
         self.forward_calls = 0  # backbone (decoder) calls
         self.forward_rows = 0  # sequences through the decoder
 
@@ -224,12 +233,12 @@ class AdaptedLM:
         full_mask = torch.cat([cmask.repeat_interleave(C, 0), kmask], dim=-1)
         if use_cache:
             out = self._decode(input_ids=ctx, attention_mask=cmask, position_ids=self._positions(cmask), use_cache=True)
-            cache = out.past_key_values
+            cache = getattr(out, self._cache_kw)
             cache.batch_repeat_interleave(C)
             start = cmask.sum(-1).repeat_interleave(C)[:, None]
             pos = start + torch.arange(lk, device=start.device)
-            h = self._decode(input_ids=cont, attention_mask=full_mask, position_ids=pos, past_key_values=cache,
-                             use_cache=True).last_hidden_state
+            h = self._decode(input_ids=cont, attention_mask=full_mask, position_ids=pos, use_cache=True,
+                             **{self._cache_kw: cache}).last_hidden_state
             pred = torch.cat([out.last_hidden_state[:, -1:].repeat_interleave(C, 0), h[:, :-1]], dim=1)
         else:
             ids = torch.cat([ctx.repeat_interleave(C, 0), cont], dim=-1)

@@ -5,8 +5,10 @@ Everything here runs offline on CPU in milliseconds per forward; the only slow f
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import random
+import warnings
 from dataclasses import dataclass
 
 import pyro
@@ -85,6 +87,23 @@ def s0_particles(net: AdaptedLM, P: int = 1) -> dict:
 def random_s(net: AdaptedLM, P: int, *, seed: int = 2) -> dict:
     gen = torch.Generator().manual_seed(seed)
     return {k: v + torch.randn((P,) + v.shape, generator=gen) for k, v in net.subspace.s0.items()}
+
+
+# Third-party packages whose deprecation notices are theirs to fix, not ours (matched against the module a
+# warning is attributed to: transformers' deprecated-kwarg notices are attributed to torch.nn.modules.module).
+THIRD_PARTY = r"(torch|transformers|peft|huggingface_hub|datasets|safetensors|accelerate|tokenizers|gguf)(\.|$)"
+
+
+@contextlib.contextmanager
+def strict_warnings():
+    """Every warning is an error (Pyro's, ours, any UserWarning or RuntimeWarning), except deprecation
+    notices attributed to a third-party module (:data:`THIRD_PARTY`). ``test_scoring`` checks separately
+    that our calls into transformers use its current API."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for cat in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
+            warnings.filterwarnings("ignore", category=cat, module=THIRD_PARTY)
+        yield
 
 
 def pytest_configure(config):

@@ -4,7 +4,6 @@ On a machine without a GPU the ``cuda`` cases skip; they ran on an H100 (see ben
 CPU and CUDA must agree: same logits (to float32 round-off) for the same adapters and ``s``.
 """
 import math
-import warnings
 
 import pyro
 import pyro.distributions as dist
@@ -18,7 +17,7 @@ from scalabl_pyro.backbones import resolve_device
 from scalabl_pyro.experiment import backbone_factory
 from scalabl_pyro.methods import METHODS, train_method
 
-from conftest import LABEL_WORDS, randomize_lora, random_s, synthetic_examples
+from conftest import LABEL_WORDS, randomize_lora, random_s, synthetic_examples, strict_warnings
 
 DEVICES = [
     "cpu",
@@ -54,8 +53,7 @@ def test_svi_and_predictive_on_device(device, guide_name):
     svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO(num_particles=2, vectorize_particles=True,
                                                                        max_plate_nesting=1))
     batch = model.net.collate(synthetic_examples(4))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with strict_warnings():
         losses = [svi.step(batch, batch["labels"]) for _ in range(3)]
     assert all(math.isfinite(x) for x in losses)
     kind = torch.device(device).type

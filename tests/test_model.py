@@ -1,7 +1,6 @@
 """The Pyro models ScalaBL and LoRAModel: sites, shapes, param store, scaling, vectorized particles."""
 from __future__ import annotations
 
-import warnings
 
 import pyro
 import pytest
@@ -11,7 +10,7 @@ from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoNormal
 from pyro.poutine.util import site_is_subsample
 
-from conftest import random_s, randomize_lora, synthetic_examples
+from conftest import random_s, randomize_lora, synthetic_examples, strict_warnings
 from scalabl_pyro.guides import init_to_s0
 from scalabl_pyro.model import LoRAModel, ScalaBL, count_parameters
 
@@ -148,8 +147,7 @@ def test_svi_step_raises_no_warnings(make_model, scoring):
     model = make_model(scoring, num_data=20)  # built outside: peft wrapping warns (transformers)
     batch = model.net.collate(synthetic_examples(4))
     guide = AutoNormal(model, init_loc_fn=init_to_s0(model), init_scale=0.05)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with strict_warnings():
         svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
         loss = svi.step(batch, batch["labels"])
         loss2 = svi.step(batch, batch["labels"])

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 
 import pyro
 import pytest
@@ -11,7 +10,7 @@ from pyro import poutine
 from pyro.infer import SVI, Predictive, Trace_ELBO
 from pyro.poutine.util import site_is_subsample
 
-from conftest import LABEL_WORDS, direct_letter_logits, synthetic_examples
+from conftest import LABEL_WORDS, direct_letter_logits, synthetic_examples, strict_warnings
 from scalabl_pyro.backbones import tiny_llama
 from scalabl_pyro.config import ScalaBLConfig, TrainConfig
 from scalabl_pyro.polar import (HEAD_SITE, PolarVBLL, make_polar, orthogonality_error, polar_guide, polar_retract,
@@ -171,8 +170,7 @@ def test_decoder_runs_once_per_batch():
 def test_svi_step_raises_no_warnings():
     net = _net()
     batch = net.collate(synthetic_examples(4))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with strict_warnings():
         model = PolarVBLL(net, num_data=24, centered=False)
         svi = SVI(model, polar_guide(model), pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO(max_plate_nesting=1))
         assert math.isfinite(svi.step(batch, batch["labels"]))

@@ -290,3 +290,21 @@ def test_trainable_parameters_are_the_adapters(make_net):
     assert sorted(net.adapters()["lm_head"].keys()) == ["B", "V"]
     plain = make_net("letter", subspace=False)
     assert sorted(plain.adapters()["lm_head"].keys()) == ["A", "B"]
+
+
+# ------------------------------------------------------------------------ transformers API in use
+@pytest.mark.parametrize("scoring, prefix_cache", [("letter", True), ("choice", True), ("choice", False)],
+                         ids=["letter", "choice-cache", "choice-nocache"])
+def test_forward_uses_current_transformers_api(make_net, scoring, prefix_cache):
+    """No deprecation notice at all, even third-party ones: our calls into transformers (the key/value cache
+    argument in particular) are those of the installed (locked) version."""
+    import warnings
+
+    net = make_net(scoring, prefix_cache=prefix_cache)
+    batch = net.collate(synthetic_examples(3))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        net.logits(batch, s=s0_particles(net, 2))
+    notices = [f"{w.category.__name__}: {w.message}" for w in caught
+               if issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning, FutureWarning))]
+    assert notices == []
