@@ -8,11 +8,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-__all__ = ["atomic_path", "atomic_write_text", "atomic_write_json"]
+__all__ = ["atomic_path", "atomic_write_text", "atomic_write_json", "atomic_dir", "fsync_tree"]
 
 
 @contextlib.contextmanager
@@ -47,3 +48,52 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     """Write ``obj`` as indented JSON to ``path`` atomically and return the path."""
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def fsync_tree(path: str | os.PathLike) -> None:
+    """Flush ``path`` (a file, or a directory with every file under it) to disk; best effort where the OS
+    cannot fsync a directory (Windows)."""
+    path = Path(path)
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    for f in files:
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    _fsync_dir(path if path.is_dir() else path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - file systems without directory fsync
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a new temporary directory next to ``path``; on success flush it and rename it to ``path``.
+
+    ``path`` must not exist yet (a directory cannot be atomically replaced by another); on any error the
+    temporary directory is removed, so ``path`` is either absent or complete.
+
+    Example::
+
+        with atomic_dir("ckpt/step-00000040") as tmp:
+            save_file(tensors, tmp / "params.safetensors")
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    try:
+        yield tmp
+        fsync_tree(tmp)
+        os.replace(tmp, path)  # fails (OSError) rather than merge into an existing non-empty directory
+        _fsync_dir(path.parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

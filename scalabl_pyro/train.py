@@ -2,10 +2,13 @@
 
 Everything here is optional: ``SVI(model, guide, optim, Trace_ELBO())`` and a plain torch loop over
 ``Trace_ELBO().differentiable_loss(model, guide, batch, labels)`` train the same model.
+``fit(..., checkpoint_dir=...)`` checkpoints and resumes (:mod:`scalabl_pyro.checkpoint`).
 """
 from __future__ import annotations
 
+import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -15,9 +18,13 @@ import torch
 from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
 
+from . import checkpoint as ckpt
 from .config import TrainConfig
+from .guides import check_fresh_guide
 
 __all__ = ["make_optimizer", "make_elbo", "lr_lambda", "fit", "FitResult", "empty_guide"]
+
+logger = logging.getLogger(__name__)
 
 
 def empty_guide(*args, **kwargs):
@@ -81,26 +88,65 @@ def make_elbo(config: TrainConfig):
 
 @dataclass
 class FitResult:
+    """What :func:`fit` returns: the loss of every step (from step 0, also after a resume) and timings."""
+
     losses: list[float] = field(default_factory=list)  # per-step loss (negative ELBO estimate, per example)
-    seconds: float = 0.0
+    seconds: float = 0.0  # training wall time, summed over the calls of a resumed run
     steps: int = 0
+    resumed_from: int | None = None  # the checkpoint step this call resumed from (None: started at step 0)
+
+
+def _lora_dropout(model) -> list[torch.nn.Module]:
+    """The LoRA layers' dropout modules (``lora_dropout > 0``; peft uses Identity otherwise)."""
+    from .layers import lora_layers
+
+    net = getattr(model, "net", None)
+    if net is None:
+        return []
+    return [d for layer in lora_layers(net.peft_model).values() for d in layer.lora_dropout.values()
+            if isinstance(d, torch.nn.Dropout)]
 
 
 def fit(model, guide, examples: Sequence, *, config: TrainConfig = TrainConfig(), progress: bool = True,
-        callback: Callable[[int, float], None] | None = None) -> FitResult:
+        callback: Callable[[int, float], None] | None = None, checkpoint_dir: str | os.PathLike | None = None,
+        checkpoint_every: int | None = None) -> FitResult:
     """Train ``model``/``guide`` on ``examples`` with ``SVI`` for ``config.steps`` minibatch steps.
 
     :param guide: an autoguide (ScalaBL), or ``None`` for a model without latent sites (MLE/MAP).
-    :param callback: called as ``callback(step, loss)`` after every step.
-    :returns: :class:`FitResult` with the per-step losses divided by the data set size.
+    :param callback: called as ``callback(step, loss)`` after every step this call runs.
+    :param checkpoint_dir: write checkpoints there (see :mod:`scalabl_pyro.checkpoint` for the layout)
+        and **resume automatically** when it already holds one: the parameters, optimizer and LR-schedule
+        state, RNG states, minibatch order, KL-annealing position and loss history are restored and training
+        continues at the saved step, exactly as if it had never stopped (logged at INFO level by
+        ``scalabl_pyro.train``; the progress bar starts there). A checkpoint of a finished run loads its
+        parameters and returns its history without training. The checkpoint must come from the same run:
+        another config (any field but ``validate``), data, model or guide raises
+        :class:`~scalabl_pyro.checkpoint.CheckpointMismatchError`. Build ``model`` and ``guide`` afresh
+        after ``pyro.clear_param_store()``, as for the first call.
+    :param checkpoint_every: steps between checkpoints (a positive integer; default ``max(1, steps // 10)``);
+        one is also written after the last step. Each is written after that step's ``callback``; an
+        exception (from the callback, or a non-finite ELBO) ends the call with the previous checkpoint in
+        place. Needs ``checkpoint_dir``.
+    :returns: :class:`FitResult` with the per-step losses divided by the data set size (from step 0, also
+        when resumed).
 
     Example::
 
         res = fit(model, guide, train.examples, config=TrainConfig(steps=100))
+        res = fit(model, guide, train.examples, config=cfg, checkpoint_dir="runs/obqa/ckpt", checkpoint_every=50)
     """
     n = len(examples)
     if n == 0:
         raise ValueError("fit() got no training examples")
+    every = ckpt.resolve_every(checkpoint_dir, checkpoint_every, config.steps)
+    if guide is not None:
+        check_fresh_guide(guide)
+    saved = fp = None
+    if checkpoint_dir is not None:
+        fp = ckpt.fingerprint(model, guide, examples)
+        saved = ckpt.load_checkpoint(checkpoint_dir)
+        if saved is not None:
+            ckpt.check_compatible(saved, config, fp)
     guide_fn = guide if guide is not None else empty_guide
     anneal = max(1, int(config.kl_anneal * config.steps)) if config.kl_anneal > 0 else 0
 
@@ -115,16 +161,38 @@ def fit(model, guide, examples: Sequence, *, config: TrainConfig = TrainConfig()
     svi = SVI(model, scaled_guide, optim, make_elbo(config))
     gen = torch.Generator().manual_seed(config.seed)
     order = torch.randperm(n, generator=gen)
-    pos = 0
+    pos = start = 0
     result = FitResult()
-    bar = range(config.steps)
+    if saved is not None:
+        batch = model.net.collate([examples[i] for i in range(min(n, config.batch_size))])
+        ckpt.restore_params(saved, model, guide, batch, num_data=n)
+        start, result.losses, result.resumed_from = saved.step, saved.losses, saved.step
+        if start >= config.steps:
+            logger.info("fit: %s holds a finished run (%d steps): parameters loaded, nothing to train",
+                        saved.path, start)
+            result.seconds, result.steps = saved.seconds, config.steps
+            return result
+        optim.set_state(saved.state["optim"])  # Pyro loads each parameter's state when it first sees it
+        gen.set_state(saved.state["generator"])
+        order, pos = saved.state["order"], saved.pos
+        ckpt.set_rng_state(saved.state["rng"])  # last: building the guide above drew random numbers
+        logger.info("fit: resuming from %s at step %d of %d", saved.path, start, config.steps)
+    bar = range(start, config.steps)
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(bar, desc=f"fit {type(model).__name__}", dynamic_ncols=True)
+        desc = f"fit {type(model).__name__}" + (f" (resumed at {start})" if start else "")
+        bar = tqdm(bar, desc=desc, dynamic_ncols=True, initial=start, total=config.steps)
     t0 = time.perf_counter()
+    seconds0 = saved.seconds if saved is not None else 0.0
     running = None
+    for x in result.losses:
+        running = x if running is None else 0.9 * running + 0.1 * x
+    dropout = _lora_dropout(model)
+    modes = [m.training for m in dropout]
     try:
+        for m in dropout:  # LoRA dropout is on while training, off (as AdaptedLM leaves it) for prediction
+            m.train()
         with pyro.validation_enabled(config.validate):
             for step in bar:
                 if pos + config.batch_size > n:
@@ -137,17 +205,25 @@ def fit(model, guide, examples: Sequence, *, config: TrainConfig = TrainConfig()
                 loss = svi.step(batch, batch["labels"], num_data=n) / n
                 optim.step()
                 if not math.isfinite(loss):
-                    raise FloatingPointError(f"the ELBO became {loss} at step {step}; "
-                                             "lower lr/guide_lr or raise clip_norm")
+                    raise FloatingPointError(
+                        f"the ELBO became {loss} at step {step}: check the prior and the data (TrainConfig("
+                        "validate=True) makes Pyro name a bad value), or lower lr/guide_lr or raise clip_norm")
                 result.losses.append(loss)
                 running = loss if running is None else 0.9 * running + 0.1 * loss
                 if progress:
                     bar.set_postfix(loss=f"{running:.4f}")
                 if callback is not None:
                     callback(step, loss)
+                if every is not None and ((step + 1) % every == 0 or step + 1 == config.steps):
+                    ckpt.save_checkpoint(checkpoint_dir, step=step + 1, config=config, fingerprint=fp,
+                                         losses=result.losses, seconds=seconds0 + time.perf_counter() - t0,
+                                         optim=optim, generator=gen, order=order, pos=pos,
+                                         kl_weight=getattr(model, "kl_weight", None))
     finally:
+        for m, mode in zip(dropout, modes):
+            m.train(mode)
         if hasattr(model, "kl_weight"):
             model.kl_weight = 1.0
-    result.seconds = time.perf_counter() - t0
+    result.seconds = seconds0 + time.perf_counter() - t0
     result.steps = config.steps
     return result

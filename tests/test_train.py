@@ -61,7 +61,7 @@ def test_optimizer_is_adamw_with_schedule(make_model):
     optim, by_name = _one_step(model, guide, cfg)
     assert isinstance(optim, pyro.optim.PyroLRScheduler)
     assert by_name and all(isinstance(s.optimizer, torch.optim.AdamW) for s in by_name.values())
-    guide_names = [n for n in by_name if n.startswith("AutoNormal.")]
+    guide_names = [n for n in by_name if n.startswith(guide._pyro_name + ".")]  # AutoNormal[_<model.name>].
     assert len(guide_names) == 2 * 5
     lrs = {n: s.optimizer.param_groups[0]["lr"] for n, s in by_name.items()}
     for n in guide_names:  # warmup of 2 steps: step 0 runs at lr * 1/2
@@ -310,3 +310,20 @@ def test_training_does_not_mutate_s0(make_model, examples, guide_name):
     assert any(not torch.equal(guide.median()[k], before[k]) for k in before)  # the guide moved ...
     for k, v in model.s0_values().items():  # ... the initial singular values did not
         assert torch.equal(v, before[k]), k
+
+
+def test_lora_dropout_is_on_while_training_and_off_after(make_model, examples):
+    import torch
+
+    from scalabl_pyro.train import _lora_dropout
+
+    model = make_model("letter", bayes=False, num_data=24, lora_dropout=0.5)
+    dropout = _lora_dropout(model)
+    assert len(dropout) == 5 and not any(d.training for d in dropout)  # AdaptedLM: eval, deterministic
+    seen = []
+    fit(model, None, examples, config=TrainConfig(steps=2), progress=False,
+        callback=lambda step, loss: seen.append(all(d.training for d in dropout)))
+    assert seen == [True, True] and not any(d.training for d in dropout)
+    batch = model.net.collate(examples[:4])
+    with torch.no_grad():
+        assert torch.equal(model.net.logits(batch), model.net.logits(batch))
