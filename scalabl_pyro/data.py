@@ -421,7 +421,7 @@ def get_spec(name: str) -> DatasetSpec:
     raise UnknownDatasetError(
         f"unknown dataset {name!r}.{hint} See scalabl_pyro.data.available_datasets() for all "
         f"{len(DATASETS)} names (openbookqa, arc_easy, arc_challenge, boolq, winogrande_s, winogrande_m, "
-        f"mmlu_<subject>, aliases obqa/arc_e/arc_c)."
+        f"mmlu_<subject>, aliases obqa/arc_e/arc_c); for your own data pass a .jsonl/.csv path or a folder."
     )
 
 
@@ -783,7 +783,7 @@ def _hub_rows(spec: DatasetSpec, split: str, *, local_hint: str = "") -> tuple[l
 
 
 def load_task(name: str, split: str, *, data_dir: str | os.PathLike | None = None, limit: int | None = None,
-              seed: int = 0, hub: bool = False) -> TaskData:
+              seed: int = 0, hub: bool = False, fields: Mapping[str, Any] | None = None) -> TaskData:
     """Load one split of a benchmark as a :class:`TaskData`.
 
     :param name: dataset name (see :func:`available_datasets`): ``openbookqa``/``obqa``,
@@ -797,6 +797,8 @@ def load_task(name: str, split: str, *, data_dir: str | os.PathLike | None = Non
     :param limit: keep a deterministic random subset of this many examples.
     :param seed: seed of the ``limit`` subset (the BoolQ train/test split always uses seed 0).
     :param hub: load from the Hugging Face Hub (network) instead of local files.
+    :param fields: for your own data (``name`` a ``.jsonl``/``.csv`` path or a folder): your column names,
+        see :func:`scalabl_pyro.userdata.load_user_task`, which such a path is handed to.
     :raises UnknownDatasetError: unknown name (with close matches).
     :raises SplitNotFoundError: no file for ``split`` (lists the splits that exist).
     :raises DataFormatError: a malformed row (names file and 1-based line).
@@ -807,7 +809,13 @@ def load_task(name: str, split: str, *, data_dir: str | os.PathLike | None = Non
         train = load_task("arc_e", "train", limit=500)
         test = load_task("mmlu_anatomy", "test", data_dir="../shared/data")
         wino = load_task("winogrande_s", "test")   # validation.jsonl; see wino.note
+        mine = load_task("my_train.jsonl", "train")  # your own file (README: 'Bring your own data')
     """
+    from .userdata import load_if_user_path  # your own data: a .jsonl/.csv path or a folder of them
+
+    if (own := load_if_user_path(name, split, data_dir=data_dir, hub=hub, fields=fields, limit=limit,
+                                 seed=seed)) is not None:
+        return own
     spec = get_spec(name)
     if not isinstance(split, str) or not split.strip():
         raise ValueError(f"split={split!r} must be a split name such as 'train', 'validation' or 'test'")

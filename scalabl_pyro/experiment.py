@@ -53,7 +53,8 @@ DEMO_GUIDE_LR = 5e-2
 
 
 def resolve_task(name: str, split: str, *, data_dir=None, limit: int | None = None, seed: int = 0) -> TaskData:
-    """``countries`` / ``countries_shifted`` (embedded) or any :func:`~scalabl_pyro.data.load_task` name."""
+    """``countries`` / ``countries_shifted`` (embedded), any :func:`~scalabl_pyro.data.load_task` name, or a path to
+    your own ``.jsonl``/``.csv`` file or folder of split files (:func:`~scalabl_pyro.userdata.load_user_task`)."""
     if name in ("countries", "countries_shifted"):
         task = country_task(split, seed=0, shifted=name == "countries_shifted")
         return task.subset(limit, seed=seed) if limit else task

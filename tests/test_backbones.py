@@ -101,3 +101,93 @@ def test_smollm2_loads_frozen_and_cached(smollm2):
     ids = tok("The capital of France is", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         torch.testing.assert_close(model2(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+# ---------------------------------------------------------------------------------------------- fail fast offline
+ALLOWED = ("'smollm2'", "'tiny'", "hub id 'owner/name'", "local directory")
+
+
+def _load_error(name, **kwargs) -> tuple[str, float]:
+    t0 = time.perf_counter()
+    with pytest.raises(OSError) as info:
+        load_backbone(name, **kwargs)
+    return str(info.value), time.perf_counter() - t0
+
+
+def test_unknown_backbone_name_fails_fast_naming_the_allowed_names():
+    msg, elapsed = _load_error("not-a-model")  # not a path, not cached, hub unreachable here: one short probe
+    assert elapsed < 10.0, f"took {elapsed:.1f}s"
+    assert "'not-a-model'" in msg and "hub is offline" in msg
+    assert all(a in msg for a in ALLOWED), msg
+
+
+def test_bare_name_goes_to_the_hub_when_it_is_reachable(monkeypatch):
+    """Online, a bare name may be a legacy hub id ('gpt2'): it is not refused before the hub is asked."""
+    import scalabl_pyro.backbones as backbones
+
+    monkeypatch.setattr(backbones, "_hub_reachable", lambda timeout=3.0: True)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    assert backbones._resolve_source("gpt2") == ("gpt2", False)
+
+
+def test_hub_id_with_hub_switched_off_fails_fast(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    msg, elapsed = _load_error("no-such-owner/no-such-model-xyz")
+    assert elapsed < 10.0, f"took {elapsed:.1f}s"
+    assert "HF_HUB_OFFLINE" in msg and "local Hugging Face cache" in msg and all(a in msg for a in ALLOWED)
+
+
+def test_hub_id_with_hub_unreachable_fails_fast(monkeypatch):
+    import scalabl_pyro.backbones as backbones
+
+    calls = []
+    monkeypatch.setattr(backbones, "_hub_offline", lambda: False)
+    monkeypatch.setattr(backbones, "_hub_reachable", lambda: calls.append(1) or False)
+    msg, elapsed = _load_error("no-such-owner/no-such-model-xyz")
+    assert elapsed < 10.0 and calls == [1]  # one probe, no retries
+    assert "unreachable" in msg and "'no-such-owner/no-such-model-xyz'" in msg and "'smollm2'" in msg
+
+
+def test_hub_id_fails_fast_here_whether_online_or_not():
+    # the real probe: offline it fails at once; online the hub answers 404 at once
+    msg, elapsed = _load_error("no-such-owner/no-such-model-xyz-3141")
+    assert elapsed < 10.0, f"took {elapsed:.1f}s"
+    assert "'no-such-owner/no-such-model-xyz-3141'" in msg and "'smollm2'" in msg
+
+
+def _fake_hf_cache(root, repo_id: str, seed: int = 3):
+    """A Hugging Face hub cache holding ``repo_id`` (what ``from_pretrained`` leaves after a download)."""
+    m, tok = tiny_llama(seed=seed)
+    repo = root / f"models--{repo_id.replace('/', '--')}"
+    snap = repo / "snapshots" / ("ab" * 20)
+    m.save_pretrained(snap)
+    tok.save_pretrained(snap)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("ab" * 20)
+    return m
+
+
+@pytest.mark.parametrize("offline", [True, False])
+def test_cached_hub_id_loads_without_the_hub(tmp_path, monkeypatch, offline):
+    import scalabl_pyro.backbones as backbones
+
+    m = _fake_hf_cache(tmp_path, "someone/tiny-llama")
+    if offline:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    else:
+        monkeypatch.setattr(backbones, "_hub_offline", lambda: False)
+        monkeypatch.setattr(backbones, "_hub_reachable", lambda: False)
+    t0 = time.perf_counter()
+    m2, tok2 = load_backbone("someone/tiny-llama", cache_dir=str(tmp_path))
+    assert time.perf_counter() - t0 < 10.0
+    assert tok2.padding_side == "left" and not m2.training
+    ids = torch.tensor([[5, 9, 30, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(m2(input_ids=ids).logits, m(input_ids=ids).logits)
+
+
+def test_load_backbone_tiny_is_the_test_model():
+    m, tok = load_backbone("tiny")
+    ref, _ = tiny_llama()
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), ref.state_dict().values()))
+    assert tok.padding_side == "left" and not any(p.requires_grad for p in m.parameters())
