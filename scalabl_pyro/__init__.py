@@ -17,9 +17,10 @@ Example::
 from .backbones import DEFAULT_BACKBONE, char_tokenizer, load_backbone, tiny_llama
 from .config import ScalaBLConfig, TrainConfig
 from .data import Example, TaskData, available_datasets, load_task
-from .guides import GUIDES, default_guide, init_to_s0, make_guide
-from .io import export_peft, load_run, save_run
-from .layers import Subspace, add_lora
+from .checkpoint import CheckpointMismatchError
+from .guides import GUIDES, check_fresh_guide, default_guide, guide_spec, init_to_s0, laplace_posterior, make_guide
+from .io import RunExistsError, export_peft, load_run, save_run
+from .layers import SITE_PREFIX, Subspace, add_lora, site_name
 from .metrics import (
     classification_metrics,
     format_table,
@@ -28,21 +29,25 @@ from .metrics import (
     reliability_diagram,
     uncertainty_decomposition,
 )
-from .model import LoRAModel, ScalaBL, count_parameters
+from .model import LoRAModel, ParamStoreConflictError, ScalaBL, count_parameters, register_adapters
 from .predictive import Prediction, predict
-from .priors import LayerScalePrior, centered_prior, isotropic_normal, laplace_prior, normalize_prior, student_t_prior
+from .priors import (LayerScalePrior, centered_prior, isotropic_normal, laplace_prior, normalize_prior, prior_from_spec,
+                     prior_to_spec, student_t_prior)
 from .scoring import AdaptedLM
 from .tasks import country_task
-from .train import empty_guide, fit, make_elbo, make_optimizer
+from .train import FitResult, empty_guide, fit, make_elbo, make_optimizer
+from .userdata import load_user_task, task_from_records
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
-    "AdaptedLM", "DEFAULT_BACKBONE", "Example", "GUIDES", "LayerScalePrior", "LoRAModel", "Prediction",
-    "ScalaBL", "ScalaBLConfig", "Subspace", "TaskData", "TrainConfig", "add_lora", "available_datasets",
-    "centered_prior", "char_tokenizer", "classification_metrics", "count_parameters", "country_task", "default_guide",
-    "empty_guide", "export_peft", "fit", "format_table", "init_to_s0", "isotropic_normal", "laplace_prior",
-    "load_backbone", "load_run", "load_task", "make_elbo", "make_guide", "make_optimizer", "normalize_prior",
-    "ood_auroc", "paired_bootstrap", "predict", "reliability_diagram", "save_run", "student_t_prior", "tiny_llama",
-    "uncertainty_decomposition",
+    "AdaptedLM", "CheckpointMismatchError", "DEFAULT_BACKBONE", "Example", "FitResult", "GUIDES", "LayerScalePrior",
+    "LoRAModel", "ParamStoreConflictError", "Prediction", "RunExistsError", "SITE_PREFIX", "ScalaBL", "ScalaBLConfig",
+    "Subspace", "TaskData", "TrainConfig", "add_lora", "available_datasets", "centered_prior", "char_tokenizer",
+    "check_fresh_guide", "classification_metrics", "count_parameters", "country_task", "default_guide", "empty_guide",
+    "export_peft", "fit", "format_table", "guide_spec", "init_to_s0", "isotropic_normal", "laplace_posterior",
+    "laplace_prior", "load_backbone", "load_run", "load_task", "load_user_task", "make_elbo", "make_guide",
+    "make_optimizer", "normalize_prior", "ood_auroc", "paired_bootstrap", "predict", "prior_from_spec",
+    "prior_to_spec", "register_adapters", "reliability_diagram", "save_run", "site_name", "student_t_prior",
+    "task_from_records", "tiny_llama", "uncertainty_decomposition",
 ]

@@ -1,43 +1,97 @@
-"""Command line: ``scalabl-pyro {demo,train,evaluate,benchmark}`` (also ``python -m scalabl_pyro``)."""
+"""Command line: ``scalabl-pyro {demo,train,evaluate,benchmark,compare-guides}`` (also ``python -m scalabl_pyro``).
+
+Each verb takes only the options it uses (``scalabl-pyro VERB --help`` lists them, with examples). An option
+a verb would ignore is refused, and so is a combination that would silently change nothing (e.g.
+``train --method mle --guide lowrank``); every such error is one line on stderr, exit code 2.
+"""
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
+import textwrap
 from pathlib import Path
 
-__all__ = ["main"]
+__all__ = ["main", "build_parser", "UsageError"]
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backbone", default="smollm2", help="'smollm2' (embedded), a hub id, a local path, or 'tiny'")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: 200)")
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None, help="learning rate of the LoRA projections")
-    p.add_argument("--guide-lr", type=float, default=None,
-                   help="learning rate of the variational parameters (default 0.01; demo 0.05)")
-    p.add_argument("--scoring", choices=("letter", "choice"), default=None)
-    p.add_argument("--num-samples", type=int, default=None, help="posterior samples at test time (default 10)")
-    p.add_argument("--kl-anneal", type=float, default=None,
-                   help="ramp the KL weight from 0 to 1 over this fraction of the steps (Bayesian methods)")
-    p.add_argument("--prior", choices=("normal", "s0"), default=None,
-                   help="prior of s: 'normal' = Normal(0, 1), 's0' = Normal(s0, 1), centred at the start "
-                        "(default: 'normal'; for demo 's0', chosen on validation: bench/demo_recipe.py)")
-    p.add_argument("--train-limit", type=int, default=None)
-    p.add_argument("--test-limit", type=int, default=None)
-    p.add_argument("--seeds", default=None, help="comma-separated seeds, e.g. 0,1,2 (tables show mean ± std)")
-    p.add_argument("--data-dir", default=None, help="folder with the benchmark JSONL files (default ../shared/data)")
-    p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--device", default="auto", help="'auto' (CUDA if available), 'cpu', 'cuda' or 'cuda:N'")
+class UsageError(ValueError):
+    """A combination of options the command would silently ignore; the message names the fix."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """One-line errors that point at ``--help`` (argparse prints the whole usage otherwise)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}; see '{self.prog} --help'\n")
+
+
+_TRAINING = ("backbone", "steps", "batch_size", "lr", "guide_lr", "kl_anneal", "prior", "scoring", "normalize",
+             "train_limit")
+_RUN = ("overwrite", "quiet", "device")
+#: The shared options each verb takes (its own ones are added in :func:`build_parser`).
+VERB_OPTIONS = {
+    "demo": (*_TRAINING, "num_samples", "test_limit", "seeds", *_RUN),
+    "train": (*_TRAINING, "data_dir", *_RUN),
+    "evaluate": ("num_samples", "test_limit", "data_dir", *_RUN),
+    "benchmark": (*_TRAINING, "num_samples", "test_limit", "seeds", "data_dir", *_RUN),
+    "compare-guides": (*_TRAINING, "num_samples", "test_limit", *_RUN),
+}
+
+
+def _option(p: argparse.ArgumentParser, key: str, verb: str) -> None:
+    demo = verb == "demo"
+    spec = {
+        "backbone": dict(metavar="NAME", help="'smollm2' (the embedded SmolLM2-135M-Instruct; default), 'tiny' "
+                         "(random-weight test model), a hub id 'owner/name' or a local model folder"),
+        "steps": dict(type=int, metavar="N", help="optimizer steps (default 200)"),
+        "batch_size": dict(type=int, metavar="N", help="questions per step (default 8)"),
+        "lr": dict(type=float, metavar="LR", help="learning rate of the LoRA projections V and B (default 0.001)"),
+        "guide_lr": dict(type=float, metavar="LR", help="learning rate of the variational parameters (default "
+                         + ("0.05, chosen on validation: bench/demo_recipe.py)" if demo else "0.01)")),
+        "kl_anneal": dict(type=float, metavar="F", help="ramp the KL weight from 0 to 1 over this fraction of the "
+                                                        "steps, 0..1 (Bayesian methods; default 0)"),
+        "prior": dict(choices=("normal", "s0"), help="prior of s: 'normal' = Normal(0, 1), 's0' = Normal(s0, 1), "
+                      "centred where the guide starts (default " + ("'s0', chosen on validation: "
+                      "bench/demo_recipe.py)" if demo else "'normal')")),
+        "scoring": dict(choices=("letter", "choice"), help="'choice': log-likelihood of each choice's text "
+                        "(default); 'letter': logits of the answer letters after 'Answer:'"),
+        "normalize": dict(choices=("none", "tokens", "chars"), help="choice scoring only: 'none' sums the "
+                          "choice's token log-probs (default), 'tokens' averages them, 'chars' divides by its length"),
+        "num_samples": dict(type=int, metavar="S", help="posterior samples per question at test time (default 10)"),
+        "train_limit": dict(type=int, metavar="N", help="train on a seeded random subset of N questions "
+                            "(default: all)"),
+        "test_limit": dict(type=int, metavar="N", help="evaluate on a seeded random subset of N questions per set "
+                                                       "(default: all)"),
+        "seeds": dict(metavar="LIST", help="comma-separated seeds, e.g. 0,1,2: one run each, tables show mean ± std "
+                                           "(default 0)"),
+        "data_dir": dict(metavar="DIR", help="folder holding the benchmark folders (arc_easy/, boolq/, mmlu/, ...); "
+                                             "default $SCALABL_DATA_DIR or ../shared/data"),
+        "overwrite": dict(action="store_true", help="replace results already in the output folder"),
+        "quiet": dict(action="store_true", help="no progress bars"),
+        "device": dict(metavar="DEV", help="'auto' (CUDA if available; default), 'cpu', 'cuda' or 'cuda:N'"),
+    }[key]
+    p.add_argument("--" + key.replace("_", "-"), **({} if spec.get("action") else {"default": None}), **spec)
+
+
+def _verb(sub, name: str, *, help: str, description: str, examples: str, fn):
+    p = sub.add_parser(name, help=help, description=textwrap.fill(description, 100), allow_abbrev=False,
+                       epilog="examples:\n" + examples, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.set_defaults(fn=fn)
+    return p
+
+
+def _finish(p: argparse.ArgumentParser, verb: str) -> None:
+    for key in VERB_OPTIONS[verb]:
+        _option(p, key, verb)
+
+
+# ------------------------------------------------------------------------------------------- checks
 def _grid_overrides(args, **extra) -> dict:
-    keys = {"backbone": "backbone", "steps": "steps", "batch_size": "batch_size", "lr": "lr",
-            "guide_lr": "guide_lr", "scoring": "scoring", "num_samples": "num_samples",
-            "train_limit": "train_limit", "test_limit": "test_limit", "data_dir": "data_dir",
-            "kl_anneal": "kl_anneal", "prior": "prior"}
-    out = {v: getattr(args, k) for k, v in keys.items() if getattr(args, k, None) is not None}
+    keys = ("backbone", "steps", "batch_size", "lr", "guide_lr", "scoring", "normalize", "num_samples",
+            "train_limit", "test_limit", "data_dir", "kl_anneal", "prior")
+    out = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
     if getattr(args, "seeds", None):
         out["seeds"] = _seeds_arg("--seeds", args.seeds)
     out.update({k: v for k, v in extra.items() if v is not None})
@@ -48,15 +102,51 @@ def _seeds_arg(flag: str, text: str) -> tuple[int, ...]:
     try:
         return tuple(int(x) for x in text.split(","))
     except ValueError:
-        raise ValueError(f"{flag} {text!r}: give integers separated by commas, e.g. 0,1,2") from None
+        raise UsageError(f"{flag} {text!r}: give integers separated by commas, e.g. 0,1,2") from None
 
 
+def _check_normalize(args, scoring: str, normalize: str | None, *, source: str = "") -> None:
+    """``--normalize`` applies to choice scoring only (``ScalaBLConfig`` refuses it with letter scoring)."""
+    if scoring == "letter" and normalize not in (None, "none"):
+        n = f"--normalize {normalize}" if args.normalize else f"normalize={normalize!r}{source}"
+        s = "--scoring letter" if args.scoring else f"scoring='letter'{source}"
+        raise UsageError(f"{n} only applies to choice scoring, but {s} (a letter answer is one token, there is "
+                         f"nothing to normalize): drop the normalization or use --scoring choice")
+
+
+def _check_data_dir(data_dir, dataset: str) -> None:
+    from .userdata import is_user_path
+
+    if data_dir is None:
+        return
+    if is_user_path(dataset):
+        raise UsageError(f"--data-dir only locates the built-in benchmarks, and --dataset {dataset} is a path to "
+                         f"your own data already: drop --data-dir")
+    if dataset in ("countries", "countries_shifted"):
+        raise UsageError(f"--data-dir only locates the benchmark files, and {dataset} is generated by the package: "
+                         f"drop --data-dir (or pick a benchmark with --dataset)")
+
+
+def _check_label_words(task, run_words, scoring: str, dataset: str) -> None:
+    """The evaluation set must fit the run's classes (and, for letter scoring, answer with the same words)."""
+    most = max((len(ex.choices) for ex in task), default=0)
+    if most > len(run_words):
+        raise UsageError(f"{dataset} has questions with {most} choices but the run was trained with "
+                         f"{len(run_words)} classes ({', '.join(run_words)}); evaluate on a set with at most "
+                         f"{len(run_words)} choices per question")
+    if scoring == "letter" and tuple(run_words[:len(task.label_words)]) != tuple(task.label_words):
+        raise UsageError(f"{dataset} answers with {', '.join(task.label_words)} but the run (letter scoring) "
+                         f"answers with {', '.join(run_words)}; evaluate on a set with the same answer words")
+
+
+# ------------------------------------------------------------------------------------------- commands
 def cmd_demo(args) -> int:
     from .experiment import demo, demo_grid
     from .methods import PRIORS
 
+    _check_normalize(args, args.scoring or "choice", args.normalize)
     grid = demo_grid(**_grid_overrides(args))
-    table = demo(args.out, grid=grid, progress=not args.quiet, overwrite=args.overwrite, device=args.device)
+    table = demo(args.out, grid=grid, progress=not args.quiet, overwrite=args.overwrite, device=args.device or "auto")
     print(f"\nScalaBL vs plain LoRA on the embedded countries task ({grid.backbone}, {grid.scoring} scoring, "
           f"{grid.steps} steps, guide lr {grid.guide_lr:g}, {grid.num_samples} posterior samples, prior "
           f"{PRIORS[grid.prior]})\n")
@@ -69,7 +159,19 @@ def cmd_benchmark(args) -> int:
     from .experiment import GridConfig, run_grid
     from .metrics import format_table
 
+    if args.no_run:
+        given = [flag for flag, v in (("--device", args.device), ("--workers", args.workers),
+                                      ("--only-datasets", args.only_datasets), ("--only-methods", args.only_methods),
+                                      ("--only-seeds", args.only_seeds), ("--overwrite", args.overwrite or None))
+                 if v is not None]
+        if given:
+            raise UsageError(f"--no-run only rebuilds the tables from finished runs, so {', '.join(given)} would "
+                             f"change nothing: drop {'it' if len(given) == 1 else 'them'}, or drop --no-run")
+    if args.workers is not None and args.workers < 1:
+        raise UsageError(f"--workers {args.workers}: give the number of runs at once, 1 or more")
     base = GridConfig.load(args.config) if args.config else GridConfig()
+    _check_normalize(args, args.scoring or base.scoring, args.normalize or base.normalize,
+                     source=f" in {args.config}" if args.config else "")
     grid = GridConfig.from_dict({**base.to_dict(), **_grid_overrides(args)})
     if args.no_run:
         from .experiment import report_grid
@@ -80,20 +182,25 @@ def cmd_benchmark(args) -> int:
         if args.only_seeds:
             only["seeds"] = _seeds_arg("--only-seeds", args.only_seeds)
         rows = run_grid(grid, args.out, progress=not args.quiet, overwrite=args.overwrite, report=args.report,
-                        device=args.device, workers=args.workers, only=only)
+                        device=args.device or "auto", workers=args.workers or 1, only=only)
     print(format_table(rows) if rows else f"No finished runs in {args.out} yet.")
     return 0
 
 
 def cmd_compare_guides(args) -> int:
     from .experiment import GridConfig, compare_guides
+    from .guides import GUIDES
     from .metrics import format_table
 
+    guides = [g.strip() for g in args.guides.split(",")]
+    if bad := [g for g in guides if g not in GUIDES]:
+        raise UsageError(f"--guides: unknown guide(s) {', '.join(map(repr, bad))}; choose among {', '.join(GUIDES)}")
+    _check_normalize(args, args.scoring or "choice", args.normalize)
     grid = GridConfig(**_grid_overrides(args))
     out = Path(args.out)
     if (out / "guides.md").exists() and not args.overwrite:
         raise FileExistsError(f"{out} already holds results; pass --overwrite or choose another --out")
-    rows = compare_guides(out, guides=args.guides.split(","), grid=grid, progress=not args.quiet, device=args.device)
+    rows = compare_guides(out, guides=guides, grid=grid, progress=not args.quiet, device=args.device or "auto")
     print(format_table(rows))
     return 0
 
@@ -106,23 +213,46 @@ def cmd_train(args) -> int:
     from .io import RunExistsError, save_run
     from .methods import train_method
 
+    if args.method != "scalabl":
+        given = [f for f, v in (("--guide", args.guide), ("--prior", args.prior), ("--guide-lr", args.guide_lr),
+                                ("--kl-anneal", args.kl_anneal)) if v is not None]
+        if given:
+            one = len(given) == 1
+            raise UsageError(f"{', '.join(given)} only appl{'ies' if one else 'y'} to the Bayesian method; --method "
+                             f"{args.method} trains plain LoRA, with no posterior or prior on s: drop "
+                             f"{'it' if one else 'them'}, or use --method scalabl")
+    _check_normalize(args, args.scoring or "choice", args.normalize)
+    _check_data_dir(args.data_dir, args.dataset)
     out = Path(args.out)
     if (out / "run.json").exists() and not args.overwrite:
         raise RunExistsError(f"{out} already holds a run; pass --overwrite or choose another --out")
+    ckpt_dir = out / "checkpoint"  # save_run replaces the folder, checkpoint included, once the run is complete
+    has_ckpt = ckpt_dir.is_dir() and any(ckpt_dir.glob("step-*"))
+    if args.resume and args.overwrite:
+        raise UsageError("--resume continues the checkpointed run in --out and --overwrite starts it over: pick one")
+    if args.resume and not has_ckpt:
+        raise UsageError(f"--resume: {ckpt_dir} holds no checkpoint to resume; train without --resume")
+    if has_ckpt and not args.resume:
+        if not args.overwrite:
+            raise UsageError(f"{ckpt_dir} holds the checkpoint of an unfinished run: pass --resume to continue it "
+                             "(same options as before), or --overwrite to start over")
+        shutil.rmtree(ckpt_dir)
     train = resolve_task(args.dataset, "train", data_dir=args.data_dir, limit=args.train_limit, seed=args.seed)
-    cfg = ScalaBLConfig(scoring=args.scoring or "choice", r=args.r)
+    cfg = ScalaBLConfig(scoring=args.scoring or "choice", normalize=args.normalize or "none", r=args.r)
     tc = TrainConfig(**{k: v for k, v in dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                                               guide_lr=args.guide_lr, kl_anneal=args.kl_anneal,
                                               seed=args.seed).items() if v is not None})
+    guide = args.guide or "normal"
+    backbone = args.backbone or "smollm2"
     torch.manual_seed(args.seed)
-    trained = train_method(args.method, backbone_factory(args.backbone, args.device), list(train.examples),
-                           label_words=train.label_words, config=cfg, train_config=tc, guide=args.guide,
-                           prior=args.prior, progress=not args.quiet)
-    save_run(out, trained.models[0], trained.guide, guide_kind=args.guide if trained.guide is not None else None,
-             backbone=args.backbone, overwrite=args.overwrite,
+    trained = train_method(args.method, backbone_factory(backbone, args.device or "auto"), list(train.examples),
+                           label_words=train.label_words, config=cfg, train_config=tc, guide=guide,
+                           prior=args.prior, progress=not args.quiet, checkpoint_dir=ckpt_dir,
+                           checkpoint_every=args.checkpoint_every)
+    save_run(out, trained.models[0], trained.guide, train_config=tc, backbone=backbone, overwrite=args.overwrite,
              meta={"dataset": args.dataset, "method": args.method, "train": tc.to_dict(),
-                   "prior": args.prior or "normal", "final_loss": trained.losses[-1],
-                   "fit_seconds": trained.fit_seconds})
+                   "prior": (args.prior or "normal") if args.method == "scalabl" else None,
+                   "final_loss": trained.losses[-1], "fit_seconds": trained.fit_seconds})
     print(f"trained {args.method} on {args.dataset} ({len(train)} examples, {tc.steps} steps, "
           f"{trained.fit_seconds:.0f} s); saved to {out}")
     return 0
@@ -131,9 +261,10 @@ def cmd_train(args) -> int:
 def cmd_evaluate(args) -> int:
     from ._utils import atomic_write_json
     from .experiment import backbone_factory, resolve_task
-    from .io import load_run
+    from .io import RunExistsError, load_run
     from .metrics import format_table, reliability_diagram
     from .predictive import predict
+    from .userdata import SUFFIXES, is_user_path
 
     run = Path(args.run)
     info = json.loads((run / "run.json").read_text()) if (run / "run.json").exists() else None
@@ -141,69 +272,151 @@ def cmd_evaluate(args) -> int:
         raise FileNotFoundError(f"{run} is not a run directory (no run.json); create one with 'scalabl-pyro train'")
     dataset = args.dataset or info["meta"].get("dataset")
     if not dataset:
-        raise ValueError("pass --dataset: the run does not record the data set it was trained on")
-    task = resolve_task(dataset, args.split, data_dir=args.data_dir, limit=args.test_limit)
-    backbone = backbone_factory("tiny", args.device)() if info["backbone"] == "tiny" else None
-    model, guide, _ = load_run(run, backbone=backbone, device=args.device)
+        raise UsageError("pass --dataset: the run does not record the data set it was trained on")
+    where = Path(dataset).expanduser()
+    one_file = is_user_path(dataset) and not where.is_dir() and where.suffix.lower() in SUFFIXES
+    if one_file and args.dataset is None:
+        raise UsageError(f"the run was trained on the file {dataset}; pass --dataset with the file to evaluate on "
+                         f"(e.g. --dataset my_test.jsonl)")
+    if one_file and args.split is not None:
+        raise UsageError(f"--split picks a split of a benchmark or a file in a folder, but --dataset {dataset} is "
+                         f"one file, evaluated whole: drop --split")
+    if args.num_samples is not None and not info.get("guide"):
+        raise UsageError(f"--num-samples: the run in {run} is plain LoRA ({info['meta'].get('method', 'no guide')}), "
+                         f"one deterministic model with no posterior to sample: drop --num-samples")
+    _check_data_dir(args.data_dir, dataset)
+    split = args.split or "test"
+    task = resolve_task(dataset, split, data_dir=args.data_dir, limit=args.test_limit)
+    _check_label_words(task, info["label_words"], info["config"].get("scoring", "letter"), dataset)
+    backbone = backbone_factory("tiny", args.device or "auto")() if info["backbone"] == "tiny" else None
+    model, guide, _ = load_run(run, backbone=backbone, device=args.device or "auto")
     pred = predict(model, guide, list(task.examples), num_samples=args.num_samples or 10, progress=not args.quiet)
     metrics = pred.metrics()
-    out = Path(args.out) if args.out else run / f"eval_{dataset}_{args.split}"
+    out = Path(args.out) if args.out else run / f"eval_{task.name if is_user_path(dataset) else dataset}_{split}"
     if (out / "metrics.json").exists() and not args.overwrite:
-        from .io import RunExistsError
-
         raise RunExistsError(f"{out} already holds results; pass --overwrite or choose another --out")
-    atomic_write_json(out / "metrics.json", {"dataset": dataset, "split": args.split, **metrics})
-    reliability_diagram(pred.mean_probs, pred.labels, out / "reliability.png", title=f"{dataset} {args.split}")
-    print(format_table([{"dataset": dataset, "split": args.split, **metrics}]))
+    atomic_write_json(out / "metrics.json", {"dataset": dataset, "split": split, **metrics})
+    reliability_diagram(pred.mean_probs, pred.labels, out / "reliability.png", title=f"{task.name} {split}")
+    print(format_table([{"dataset": dataset, "split": split, **metrics}]))
     print(f"wrote {out / 'metrics.json'} and {out / 'reliability.png'}")
     return 0
 
 
+# ------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="scalabl-pyro", description="Bayesian LoRA (ScalaBL) as a Pyro model")
-    sub = ap.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="fine-tune the default backbone on the default task: plain LoRA vs ScalaBL")
-    p.add_argument("--out", default="runs/demo")
-    _add_common(p)
-    p.set_defaults(fn=cmd_demo)
-    p = sub.add_parser("benchmark", help="run (or resume) a grid of methods x datasets x seeds")
-    p.add_argument("--config", help="grid JSON (see GridConfig); command-line options override it")
-    p.add_argument("--out", default="runs/benchmark")
+    from . import __version__
+    from .guides import GUIDES
+
+    ap = _Parser(prog="scalabl-pyro", description="Bayesian LoRA (ScalaBL) as a Pyro model.", allow_abbrev=False,
+                 epilog="'scalabl-pyro VERB --help' lists each verb's options, with examples.")
+    ap.add_argument("--version", action="version", version=f"scalabl-pyro {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="VERB")
+
+    p = _verb(sub, "demo", fn=cmd_demo,
+              help="fine-tune the default backbone on the default task: plain LoRA vs ScalaBL",
+              description="Train plain LoRA and ScalaBL on the embedded countries task, evaluate both in "
+                          "distribution and on shifted questions, and write results.md, reliability.png and per-run "
+                          "JSON to --out.",
+              examples="  scalabl-pyro demo                                     # SmolLM2, 200 steps, seed 0 (~8 min)\n"
+                       "  scalabl-pyro demo --seeds 0,1,2 --out runs/demo3      # mean ± std over 3 seeds\n"
+                       "  scalabl-pyro demo --backbone tiny --steps 2 --quiet   # a smoke run in seconds\n")
+    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    _finish(p, "demo")
+
+    p = _verb(sub, "train", fn=cmd_train, help="train one method on one data set and save the run",
+              description="Train one method on the train split of a data set (a benchmark, the countries task, "
+                          "or your own .jsonl/.csv file or folder: README 'Bring your own data') and save the run "
+                          "to --out for 'scalabl-pyro evaluate'.",
+              examples="  scalabl-pyro train --dataset openbookqa --method scalabl --out runs/obqa\n"
+                       "  scalabl-pyro train --dataset openbookqa --method scalabl --out runs/obqa --resume  # after a stop\n"
+                       "  scalabl-pyro train --dataset my_train.jsonl --out runs/mine       # your own data\n"
+                       "  scalabl-pyro train --dataset arc_easy --method mle --train-limit 1000 --out runs/arc_mle\n")
+    p.add_argument("--dataset", default="countries", help="a benchmark name (openbookqa, arc_easy, boolq, "
+                   "mmlu_<subject>, ...), countries (default), or a path to your .jsonl/.csv file (used whole "
+                   "as the training set) or to a folder holding train.jsonl / train.csv")
+    p.add_argument("--method", default="scalabl", choices=("mle", "map", "scalabl"),
+                   help="'scalabl' (default): Bayesian, latent s; 'mle': plain LoRA; 'map': LoRA with weight decay")
+    p.add_argument("--guide", default=None, choices=tuple(GUIDES), help="autoguide of --method scalabl "
+                   "(default normal)")
+    p.add_argument("--r", type=int, default=8, help="LoRA rank, also the size of each s (default 8)")
+    p.add_argument("--seed", type=int, default=0, help="seed of initialization, batches and --train-limit (default 0)")
+    p.add_argument("--out", default="runs/train", help="run folder to write (default runs/train)")
+    p.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
+                   help="write a checkpoint to <out>/checkpoint every N steps (default: every tenth of the steps)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the unfinished run checkpointed in <out>/checkpoint (give the same options)")
+    _finish(p, "train")
+
+    p = _verb(sub, "evaluate", fn=cmd_evaluate, help="evaluate a saved run on a data set split",
+              description="Evaluate a run written by 'scalabl-pyro train' (its backbone and training settings come "
+                          "from the run) and write metrics.json and reliability.png.",
+              examples="  scalabl-pyro evaluate runs/obqa                       # its own data set, split test\n"
+                       "  scalabl-pyro evaluate runs/obqa --dataset arc_easy --test-limit 500\n"
+                       "  scalabl-pyro evaluate runs/mine --dataset my_test.jsonl   # your own file, used whole\n")
+    p.add_argument("run", help="run directory written by 'train'")
+    p.add_argument("--dataset", default=None, help="a benchmark name, countries, a .jsonl/.csv file or a folder of "
+                   "split files (default: the data set the run was trained on, unless that was one file)")
+    p.add_argument("--split", default=None, help="split of a benchmark or file in a folder (default test); not "
+                   "with a single file")
+    p.add_argument("--out", default=None, help="output folder (default <run>/eval_<dataset>_<split>)")
+    _finish(p, "evaluate")
+
+    p = _verb(sub, "benchmark", fn=cmd_benchmark, help="run (or resume) a grid of methods x datasets x seeds",
+              description="Run every cell of a grid (GridConfig JSON) not finished yet, then rebuild the tables; "
+                          "safe to interrupt. Options given here override the --config grid's values.",
+              examples="  scalabl-pyro benchmark --config bench/grid_cpu.json --out bench/results "
+                       "--report bench/RESULTS.md   # resumable grid\n"
+                       "  scalabl-pyro benchmark --config bench/grid_cpu.json --out bench/results "
+                       "--device cuda --workers 8   # the same on a GPU\n"
+                       "  scalabl-pyro benchmark --config bench/grid_cpu.json --out bench/results "
+                       "--report bench/RESULTS.md --no-run   # tables only\n"
+                       "  scalabl-pyro benchmark --config bench/grid_cpu.json --out bench/results "
+                       "--only-datasets boolq --only-seeds 2   # some cells\n")
+    p.add_argument("--config", help="grid JSON (see GridConfig; default: the countries grid of the demo methods)")
+    p.add_argument("--out", default="runs/benchmark", help="results folder (default runs/benchmark)")
     p.add_argument("--report", default=None, help="also write a Markdown report (e.g. bench/RESULTS.md)")
     p.add_argument("--no-run", action="store_true", help="only rebuild the tables and report from finished runs")
-    p.add_argument("--workers", type=int, default=1, help="runs at once, each in its own process (e.g. 8 on one GPU)")
+    p.add_argument("--workers", type=int, default=None, help="runs at once, each in its own process (default 1; "
+                   "e.g. 8 on one GPU)")
     for what in ("datasets", "methods", "seeds"):
         p.add_argument(f"--only-{what}", default=None, metavar=what.upper(),
                        help=f"comma-separated {what} of the grid to run now (grid.json and the report keep "
                             f"the whole grid)")
-    _add_common(p)
-    p.set_defaults(fn=cmd_benchmark)
-    p = sub.add_parser("compare-guides", help="train ScalaBL with each autoguide on the default task and compare")
-    p.add_argument("--guides", default="normal,diagonal,lowrank,mvn,iaf,delta")
-    p.add_argument("--out", default="runs/guides")
-    _add_common(p)
-    p.set_defaults(fn=cmd_compare_guides)
-    p = sub.add_parser("train", help="train one method on one data set and save the run")
-    p.add_argument("--dataset", default="countries")
-    p.add_argument("--method", default="scalabl", choices=("mle", "map", "scalabl"))
-    p.add_argument("--guide", default="normal", help="autoguide for scalabl: normal, diagonal, lowrank, mvn, iaf, delta")
-    p.add_argument("--r", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="runs/train")
-    _add_common(p)
-    p.set_defaults(fn=cmd_train)
-    p = sub.add_parser("evaluate", help="evaluate a saved run on a data set split")
-    p.add_argument("run", help="run directory written by 'train'")
-    p.add_argument("--dataset", default=None, help="default: the data set the run was trained on")
-    p.add_argument("--split", default="test")
-    p.add_argument("--out", default=None)
-    _add_common(p)
-    p.set_defaults(fn=cmd_evaluate)
+    _finish(p, "benchmark")
+
+    p = _verb(sub, "compare-guides", fn=cmd_compare_guides,
+              help="train ScalaBL with each autoguide on the default task and compare",
+              description="Train ScalaBL with each autoguide on the countries task (seed 0) and tabulate ELBO, "
+                          "accuracy, ECE, NLL, Brier, guide size and seconds per step.",
+              examples="  scalabl-pyro compare-guides --out runs/guides\n"
+                       "  scalabl-pyro compare-guides --guides normal,lowrank --steps 100 --out runs/two\n")
+    p.add_argument("--guides", default="normal,diagonal,lowrank,mvn,iaf,delta",
+                   help="comma-separated autoguides (default normal,diagonal,lowrank,mvn,iaf,delta)")
+    p.add_argument("--out", default="runs/guides", help="output folder (default runs/guides)")
+    _finish(p, "compare-guides")
     return ap
 
 
+def _unrecognized(ap: argparse.ArgumentParser, verb: str, extra: list[str]) -> str:
+    verbs = ap._subparsers._group_actions[0].choices  # noqa: SLF001 - the verb parsers argparse built
+    hints = []
+    for flag in dict.fromkeys(a.split("=")[0] for a in extra if a.startswith("--")):
+        owners = [v for v, vp in verbs.items() if flag in vp._option_string_actions]  # noqa: SLF001
+        hints.append(f"{flag} is an option of {', '.join(owners)}, not of {verb}" if owners
+                     else f"no verb has {flag}")
+    hint = f" ({'; '.join(hints)})" if hints else ""
+    return f"unrecognized arguments: {' '.join(extra)}{hint}; see 'scalabl-pyro {verb} --help'"
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    ap = build_parser()
+    try:
+        args, extra = ap.parse_known_args(argv)
+    except SystemExit as e:  # --help, --version (0) or a bad option value (2); argparse has printed why
+        return e.code if isinstance(e.code, int) else 0
+    if extra:
+        print(f"scalabl-pyro {args.command}: error: {_unrecognized(ap, args.command, extra)}", file=sys.stderr)
+        return 2
     try:
         return args.fn(args)
     except (ValueError, KeyError, TypeError, FileNotFoundError, FileExistsError, OSError, ModuleNotFoundError,

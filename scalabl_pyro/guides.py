@@ -12,51 +12,16 @@ starts every ``s`` site at its singular values ``s0`` instead.
 from __future__ import annotations
 
 import functools
-import operator
-from contextlib import ExitStack
 
 import pyro
-import pyro.distributions as dist
 import torch
 from pyro.infer import autoguide
 from pyro.infer.autoguide.initialization import init_to_median
-from pyro.infer.autoguide.utils import deep_setattr
-from pyro.nn import PyroModule, PyroParam
 
-__all__ = ["init_to_s0", "default_guide", "make_guide", "GUIDES", "AutoDelta", "AutoIAFNormal"]
+from .model import ParamStoreConflictError
 
-class AutoDelta(autoguide.AutoDelta):
-    """Pyro's :class:`~pyro.infer.autoguide.AutoDelta` (MAP) with its point estimates kept under ``locs``.
-
-    Pyro 1.9's AutoDelta stores the estimate of site ``a.b.c`` at attribute path ``a.b.c`` of the guide.
-    For sites named ``model.layers...`` that path starts at the guide's ``model`` property, so the
-    estimates end up on the model object and never reach the param store (they are not trained).
-    This subclass stores them at ``locs.a.b.c`` (as :class:`~pyro.infer.autoguide.AutoNormal` does);
-    everything else is Pyro's.
-    """
-
-    def _setup_prototype(self, *args, **kwargs):
-        autoguide.AutoGuide._setup_prototype(self, *args, **kwargs)
-        self.locs = PyroModule()
-        for name, site in self.prototype_trace.iter_stochastic_nodes():
-            deep_setattr(self.locs, name, PyroParam(site["value"].detach(), site["fn"].support, site["fn"].event_dim))
-
-    def forward(self, *args, **kwargs):
-        if self.prototype_trace is None:
-            self._setup_prototype(*args, **kwargs)
-        plates = self._create_plates(*args, **kwargs)
-        out = {}
-        for name, site in self.prototype_trace.iter_stochastic_nodes():
-            with ExitStack() as stack:
-                for frame in site["cond_indep_stack"]:
-                    if frame.vectorized:
-                        stack.enter_context(plates[frame.name])
-                out[name] = pyro.sample(name, dist.Delta(operator.attrgetter(name)(self.locs), event_dim=site["fn"].event_dim))
-        return out
-
-    @torch.no_grad()
-    def median(self, *args, **kwargs):
-        return {name: operator.attrgetter(name)(self.locs).detach() for name, _ in self.prototype_trace.iter_stochastic_nodes()}
+__all__ = ["init_to_s0", "default_guide", "make_guide", "guide_spec", "laplace_posterior", "check_fresh_guide",
+           "GUIDES", "AutoIAFNormal"]
 
 
 class AutoIAFNormal(autoguide.AutoIAFNormal):
@@ -80,7 +45,7 @@ GUIDES = {
     "lowrank": autoguide.AutoLowRankMultivariateNormal,
     "mvn": autoguide.AutoMultivariateNormal,
     "iaf": AutoIAFNormal,
-    "delta": AutoDelta,
+    "delta": autoguide.AutoDelta,
     "laplace": autoguide.AutoLaplaceApproximation,
 }
 
@@ -92,7 +57,7 @@ def init_to_s0(model=None, *, fallback=init_to_median):
 
     Example::
 
-        AutoDelta(model, init_loc_fn=init_to_s0(model))
+        autoguide.AutoDelta(model, init_loc_fn=init_to_s0(model))
     """
     if model is None:
         return functools.partial(init_to_s0, fallback=fallback)
@@ -106,22 +71,34 @@ def init_to_s0(model=None, *, fallback=init_to_median):
     return init_loc_fn
 
 
+def _owned(guide, model):
+    """Name ``guide``'s parameters after its model (``AutoNormal_scalabl.locs...`` instead of Pyro's
+    ``AutoNormal.locs...``), so that guides of differently named models never share param-store entries."""
+    guide._pyro_name = f"{type(guide).__name__}_{getattr(model, 'name', 'model')}"
+    return guide
+
+
 def default_guide(model, *, init_scale: float = 0.05):
     """The default posterior: :class:`~pyro.infer.autoguide.AutoNormal` at ``s0`` with small scales.
 
     The official code draws initial scales uniformly in ``[eps/sqrt(2), eps]`` with ``eps = 0.05``;
     AutoNormal takes one ``init_scale`` (default ``eps``).
     """
-    return autoguide.AutoNormal(model, init_loc_fn=init_to_s0(model), init_scale=init_scale)
+    return _owned(autoguide.AutoNormal(model, init_loc_fn=init_to_s0(model), init_scale=init_scale), model)
 
 
 def make_guide(name: str, model, *, init_scale: float = 0.05, rank: int | None = None,
-               hidden_dim: int | None = None, num_transforms: int = 1):
+               hidden_dim: int | list[int] | None = None, num_transforms: int = 1):
     """Build one of Pyro's autoguides by short name (see :data:`GUIDES`), initialized at ``s0``.
+
+    Its parameters are named after the model (``AutoNormal_<model.name>.locs...``): guides of two models with
+    different names never share param-store entries, as Pyro's bare autoguides of one class do.
 
     :param name: ``normal`` (default), ``diagonal``, ``lowrank``, ``mvn``, ``iaf``, ``delta`` (MAP), ``laplace``.
     :param rank: rank of the ``lowrank`` covariance (default: Pyro's ``sqrt(D)``).
-    :param hidden_dim: width of the ``iaf`` autoregressive network (default ``2 * D``, capped at 1024).
+    :param hidden_dim: width of the ``iaf`` autoregressive network (default ``2 * D``, capped at 1024), or a
+        list of widths (one hidden layer each).
+    :param num_transforms: number of ``iaf`` flow layers.
 
     Example::
 
@@ -131,12 +108,82 @@ def make_guide(name: str, model, *, init_scale: float = 0.05, rank: int | None =
         raise ValueError(f"unknown guide {name!r}; choose one of {sorted(GUIDES)}")
     init = init_to_s0(model) if hasattr(model, "s0_values") else init_to_median
     if name in ("normal", "diagonal", "mvn"):
-        return GUIDES[name](model, init_loc_fn=init, init_scale=init_scale)
-    if name == "lowrank":
+        guide = GUIDES[name](model, init_loc_fn=init, init_scale=init_scale)
+    elif name == "lowrank":
         kw = {"rank": rank} if rank else {}
-        return GUIDES[name](model, init_loc_fn=init, init_scale=init_scale, **kw)
-    if name == "iaf":
+        guide = GUIDES[name](model, init_loc_fn=init, init_scale=init_scale, **kw)
+    elif name == "iaf":
         dim = getattr(model, "latent_dim", 64)
         # The flow starts from its own base Normal(0, 1); Pyro ignores init_loc_fn for it.
-        return GUIDES[name](model, hidden_dim=[hidden_dim or min(2 * dim, 1024)], num_transforms=num_transforms)
-    return GUIDES[name](model, init_loc_fn=init)
+        hidden = list(hidden_dim) if isinstance(hidden_dim, (list, tuple)) else [hidden_dim or min(2 * dim, 1024)]
+        guide = GUIDES[name](model, hidden_dim=hidden, num_transforms=num_transforms)
+    else:
+        guide = GUIDES[name](model, init_loc_fn=init)
+    return _owned(guide, model)
+
+
+def guide_spec(guide) -> dict | None:
+    """``{"kind": ..., "options": {...}}``: what :func:`make_guide` needs to rebuild ``guide`` (``None`` for no guide).
+
+    Recorded by :func:`~scalabl_pyro.io.save_run`. ``kind`` is a key of :data:`GUIDES`, or ``"laplace_posterior"``
+    for :func:`laplace_posterior`'s fixed Gaussian.
+
+    :raises ValueError: for a guide class this package cannot rebuild.
+    """
+    if guide is None:
+        return None
+    if isinstance(guide, autoguide.AutoMultivariateNormal) and "scale_tril" in guide._buffers:
+        return {"kind": "laplace_posterior", "options": {}}
+    kind = next((k for k, cls in GUIDES.items() if type(guide) is cls), None)
+    if kind is None:
+        raise ValueError(f"cannot record a {type(guide).__name__} guide: save_run rebuilds the guides of GUIDES "
+                         f"({', '.join(sorted(GUIDES))}) and laplace_posterior")
+    options = {}
+    if kind in ("normal", "diagonal", "mvn", "lowrank"):
+        options["init_scale"] = float(guide._init_scale)
+    if kind == "lowrank":
+        options["rank"] = guide.rank
+    if kind == "iaf":  # Pyro keeps them in the flow factory: functools.partial(iterated, n, fn, hidden_dims=...)
+        options["num_transforms"] = int(guide._init_transform_fn.args[0])
+        options["hidden_dim"] = list(guide._init_transform_fn.keywords["hidden_dims"])
+    return {"kind": kind, "options": options}
+
+
+def laplace_posterior(model, batch, *, loc=None, scale=None, scale_tril=None):
+    """A fixed Gaussian posterior ``N(loc, diag(scale) scale_tril scale_tril^T diag(scale))`` over all latent
+    coordinates, as an :class:`~pyro.infer.autoguide.AutoMultivariateNormal` whose moments are buffers (not
+    trained). :func:`~scalabl_pyro.methods.laplace_guide` fills it; without moments it is zeros / identity
+    (for :func:`~scalabl_pyro.io.load_run` to load into).
+
+    :param batch: any collated batch (sets up the guide's prototype).
+    """
+    guide = _owned(autoguide.AutoMultivariateNormal(model), model)
+    guide._setup_prototype(batch, batch["labels"])
+    D = guide.loc.numel()
+    ref = guide.loc.detach()
+    del guide.loc, guide.scale, guide.scale_tril
+    guide.register_buffer("loc", ref.new_zeros(D) if loc is None else loc.detach().clone().to(ref))
+    guide.register_buffer("scale", ref.new_ones(D) if scale is None else scale.detach().to(ref))
+    guide.register_buffer("scale_tril", torch.eye(D, dtype=ref.dtype, device=ref.device) if scale_tril is None
+                          else scale_tril.detach().to(ref))
+    return guide
+
+
+def check_fresh_guide(guide) -> None:
+    """Refuse a guide that has not run yet while Pyro's param store holds parameters under its name.
+
+    An autoguide's parameters live in the global store under ``<GuideClass>.<...>``; a new guide of the same
+    class would silently adopt (and share) another guide's trained values. :func:`~scalabl_pyro.train.fit`
+    and :func:`~scalabl_pyro.io.load_run` call this before a guide's first use.
+
+    :raises ~scalabl_pyro.model.ParamStoreConflictError: naming a stale parameter and the fix.
+    """
+    name = getattr(guide, "_pyro_name", None)
+    if name is None or getattr(guide, "prototype_trace", True) is not None:
+        return  # not a PyroModule autoguide, or one that has run (and owns what the store holds)
+    stale = [k for k in pyro.get_param_store().keys() if k.startswith(name + ".")]
+    if stale:
+        raise ParamStoreConflictError(
+            f"Pyro's param store already holds {len(stale)} parameters of another {name} (e.g. {stale[0]!r}): this "
+            f"new guide would start from them and share them. Call pyro.clear_param_store() before building a "
+            f"new model and guide (a notebook cell run twice), or resume a run with fit(checkpoint_dir=...).")

@@ -1,17 +1,23 @@
-"""Save and load a trained run: only what is new and small.
+"""Save and load a trained run: only what is new and small, and everything needed to rebuild it.
 
 A run directory holds
 
 * ``adapter/`` — the LoRA projections in peft's format (``adapter_model.safetensors`` +
   ``adapter_config.json``; for ScalaBL ``lora_A`` is ``V``, and ``s`` lives in the guide),
-* ``guide.safetensors`` — the guide's parameters (unconstrained values, exact round trip),
-* ``run.json`` — configs, backbone name, label words, guide kind, site names, parameter counts.
+* ``guide.safetensors`` — the guide's state (``guide.state_dict()``: its parameters, unconstrained, and
+  buffers such as the Laplace posterior's covariance), exact round trip,
+* ``prior.safetensors`` — learned prior parameters (:class:`~scalabl_pyro.priors.LayerScalePrior`), if any,
+* ``run.json`` — the model class and name, adapter seed, :class:`~scalabl_pyro.config.ScalaBLConfig`
+  (scoring included), the prior (by name and parameters), the guide (kind and options), the
+  :class:`~scalabl_pyro.config.TrainConfig`, backbone, label words and site names.
 
-:func:`export_peft` folds the posterior median of ``s`` into ``A`` and writes a plain peft adapter
-for users who want one deterministic model.
+:func:`export_peft` folds the posterior median of ``s`` into ``A`` and writes a plain peft adapter for users
+who want one deterministic model; it loads with ``PeftModel.from_pretrained`` and
+``AutoPeftModelForCausalLM`` in both scoring formats.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -24,61 +30,87 @@ from safetensors.torch import load_file, save_file
 
 from ._utils import atomic_write_json
 from .backbones import load_backbone
-from .config import ScalaBLConfig
-from .guides import make_guide
+from .config import ScalaBLConfig, TrainConfig
+from .guides import check_fresh_guide, guide_spec, laplace_posterior, make_guide
 from .model import LoRAModel, ScalaBL
+from .priors import prior_from_spec
 from .scoring import AdaptedLM
 
 __all__ = ["save_run", "load_run", "export_peft", "RunExistsError"]
 
-_FORMAT = 1
+_FORMAT = 2
+_SAVABLE = {("scalabl_pyro.model", "LoRAModel"), ("scalabl_pyro.model", "ScalaBL"), ("scalabl_pyro.methods", "BLoB")}
 
 
 class RunExistsError(FileExistsError):
     """The run directory already holds results."""
 
 
-def save_run(path: str | os.PathLike, model, guide=None, *, guide_kind: str | None = None, backbone: str = "smollm2",
-             meta: dict | None = None, overwrite: bool = False) -> Path:
-    """Write ``model``'s adapters, ``guide``'s parameters and the configs to ``path``.
+def _model_record(model) -> dict:
+    cls = type(model)
+    if (cls.__module__, cls.__name__) not in _SAVABLE:
+        raise ValueError(f"save_run saves the package's LoRAModel, ScalaBL and BLoB models, not {cls.__name__}")
+    sub = model.net.subspace
+    return {"class": cls.__name__, "module": cls.__module__, "name": model.name,
+            "subspace": False if sub is None else ("A" if sub.latent == "A" else True)}
 
-    :param guide_kind: short name of the guide (see :data:`~scalabl_pyro.guides.GUIDES`); inferred for autoguides.
+
+def _prior_params(model) -> dict[str, torch.Tensor]:
+    """The prior's learned parameters (unconstrained), e.g. :class:`~scalabl_pyro.priors.LayerScalePrior`'s scales."""
+    if not hasattr(model, "prior_param_names"):
+        return {}
+    state = pyro.get_param_store().get_state()["params"]
+    return {k: state[k].detach().contiguous().clone() for k in model.prior_param_names() if k in state}
+
+
+def save_run(path: str | os.PathLike, model, guide=None, *, train_config: TrainConfig | None = None,
+             guide_kind: str | None = None, backbone: str = "smollm2", meta: dict | None = None,
+             overwrite: bool = False) -> Path:
+    """Write ``model``'s adapters, ``guide``'s state, learned prior parameters and every config to ``path``.
+
+    The directory is written beside ``path`` and moved into place: an interrupted save leaves no half-written run.
+
+    :param train_config: how the run was trained (recorded so that it can be reproduced or resumed).
+    :param guide_kind: ignored (kept for old callers): the guide's kind and options are read from the guide.
     :param backbone: name or path to reload the backbone with :func:`~scalabl_pyro.backbones.load_backbone`.
     :param overwrite: replace an existing run (otherwise :class:`RunExistsError`).
+    :raises ValueError: for a guide or model class this package cannot rebuild.
 
     Example::
 
-        save_run("runs/obqa", model, guide, backbone="smollm2")
+        save_run("runs/obqa", model, guide, train_config=tc, backbone="smollm2")
     """
     path = Path(path)
     if (path / "run.json").exists() and not overwrite:
         raise RunExistsError(f"{path} already holds a run; pass overwrite=True (--overwrite) or choose another directory")
-    if guide is not None and guide_kind is None:
-        from .guides import GUIDES
-
-        guide_kind = next((k for k, cls in GUIDES.items() if type(guide) is cls), None)
-        if guide_kind is None:
-            raise ValueError(f"cannot infer guide_kind for {type(guide).__name__}; pass guide_kind=")
+    spec = guide_spec(guide)
+    if guide is not None and getattr(guide, "prototype_trace", True) is None:
+        raise ValueError("the guide has never run, so it has no parameters to save; train it (or call it once) first")
+    record = _model_record(model)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-"))
     try:
         model.net.peft_model.save_pretrained(tmp / "adapter", save_embedding_layers=False)
-        guide_params = {}
+        guide_state, prior_params = {}, {}
         if guide is not None:
-            state = pyro.get_param_store().get_state()["params"]
-            guide_params = {k: v.detach().contiguous().clone() for k, v in state.items()
-                            if not k.startswith(model.name + "$$$")}
-            save_file(guide_params, str(tmp / "guide.safetensors"))
+            guide_state = {k: v.detach().contiguous().clone() for k, v in guide.state_dict().items()}
+            save_file(guide_state, str(tmp / "guide.safetensors"))
+        prior_params = _prior_params(model)
+        if prior_params:
+            save_file(prior_params, str(tmp / "prior.safetensors"))
         run = {
             "format": _FORMAT,
-            "model": type(model).__name__,
-            "model_name": model.name,
+            "model": record,
+            "seed": getattr(model.net, "seed", 0),
             "config": model.net.config.to_dict(),
             "label_words": list(model.net.label_words),
             "backbone": backbone,
-            "guide": guide_kind,
+            "prior": getattr(model, "prior_spec", None),
+            "prior_params": sorted(prior_params),
+            "guide": spec,
+            "guide_state": sorted(guide_state),
+            "train_config": None if train_config is None else train_config.to_dict(),
             "latent_sites": list(model.latent_sites),
-            "guide_params": sorted(guide_params),
             "meta": meta or {},
         }
         atomic_write_json(tmp / "run.json", run)
@@ -91,13 +123,30 @@ def save_run(path: str | os.PathLike, model, guide=None, *, guide_kind: str | No
     return path
 
 
-def load_run(path: str | os.PathLike, *, backbone=None, example_batch=None, device=None):
+def _model_class(record: dict):
+    if (record["module"], record["class"]) not in _SAVABLE:
+        raise ValueError(f"run.json names the model class {record['module']}.{record['class']}, outside scalabl_pyro")
+    try:
+        return getattr(importlib.import_module(record["module"]), record["class"])
+    except (ImportError, AttributeError):
+        raise ValueError(f"run.json names the model class {record['module']}.{record['class']}, which this version "
+                         "of scalabl_pyro does not have") from None
+
+
+def load_run(path: str | os.PathLike, *, backbone=None, example_batch=None, device=None, prior=None,
+             name: str | None = None):
     """Rebuild ``(model, guide, run_info)`` from :func:`save_run`'s directory; predictions match exactly.
+
+    ``run_info`` is the parsed ``run.json`` plus ``"train_config"`` as a :class:`~scalabl_pyro.config.TrainConfig`
+    (or ``None``).
 
     :param backbone: ``(model, tokenizer)`` to use instead of loading ``run["backbone"]`` again.
     :param device: where to load the backbone (``"auto"``: CUDA if available; default CPU).
     :param example_batch: a collated batch used to create the guide's parameters (any one works);
         by default a one-question dummy batch.
+    :param prior: the prior callable, for runs trained with a custom one (which cannot be saved).
+    :param name: param-store name of the rebuilt model and its guide (default: the saved name, or
+        ``<name>_1``, ``<name>_2``... when another live model holds it, e.g. the one that was just trained).
     :raises ValueError: naming every tensor that is missing, unexpected or of the wrong shape.
 
     Example::
@@ -110,34 +159,67 @@ def load_run(path: str | os.PathLike, *, backbone=None, example_batch=None, devi
         raise FileNotFoundError(f"{path} is not a run directory (no run.json); write one with save_run()")
     run = json.loads((path / "run.json").read_text(encoding="utf-8"))
     if run.get("format") != _FORMAT:
-        raise ValueError(f"{path}: run format {run.get('format')} is not supported by this version ({_FORMAT})")
+        raise ValueError(f"{path}: run format {run.get('format')} is not supported by this version ({_FORMAT}); "
+                         "train and save the run again")
+    rec = run["model"]
+    cls = _model_class(rec)
     lm, tok = backbone if backbone is not None else load_backbone(run["backbone"], device=device)
     config = ScalaBLConfig.from_dict(run["config"])
-    is_bayes = run["model"] == "ScalaBL"
-    net = AdaptedLM(lm, tok, label_words=run["label_words"], config=config, subspace=is_bayes)
-    model = (ScalaBL if is_bayes else LoRAModel)(net, name=run["model_name"])
+    net = AdaptedLM(lm, tok, label_words=run["label_words"], config=config, subspace=rec["subspace"],
+                    seed=run["seed"])
+    kw = {} if not rec["subspace"] else {"prior": prior_from_spec(run["prior"], prior=prior)}
+    model = cls(net, name=name or _free_name(rec["name"]), **kw)
     _load_adapter(net.peft_model, path / "adapter" / "adapter_model.safetensors")
     guide = None
+    batch = example_batch if example_batch is not None else net.collate([_dummy_example(len(run["label_words"]))])
     if run["guide"]:
-        guide = make_guide(run["guide"], model)
-        batch = example_batch if example_batch is not None else net.collate([_dummy_example(len(run["label_words"]))])
-        with torch.no_grad():
-            guide(batch, batch["labels"])  # creates the guide's parameters (cheap: shape pass)
+        kind, options = run["guide"]["kind"], run["guide"]["options"]
+        if kind == "laplace_posterior":
+            guide = laplace_posterior(model, batch)
+        else:
+            guide = make_guide(kind, model, **options)
+            check_fresh_guide(guide)
+            with torch.no_grad():
+                guide(batch, batch["labels"])  # creates the guide's parameters (cheap: shape pass)
         saved = load_file(str(path / "guide.safetensors"))
-        state = pyro.get_param_store().get_state()["params"]
-        current = {k: v for k, v in state.items() if not k.startswith(model.name + "$$$")}
-        _check_names(current, saved, what="guide parameters")
+        _check_names(guide.state_dict(), saved, what="guide parameters")
+        guide.load_state_dict(saved)  # in place: the param store holds these very tensors
+    elif rec["subspace"]:
+        with torch.no_grad():
+            model(batch)  # creates learned prior parameters, if any
+    if run["prior_params"]:
+        saved = load_file(str(path / "prior.safetensors"))
+        store = pyro.get_param_store()
+        current = {k: store._params[k] for k in run["prior_params"] if k in store}
+        _check_names(current, saved, what="prior parameters")
         with torch.no_grad():
             for k, v in saved.items():
                 current[k].copy_(v)
-    return model, guide, run
+    info = dict(run)
+    info["train_config"] = TrainConfig.from_dict(run["train_config"]) if run["train_config"] else None
+    return model, guide, info
+
+
+def _free_name(name: str) -> str:
+    """``name``, or ``name_1``, ``name_2``... if Pyro's param store already holds tensors under it (the model's
+    ``<name>$$$...`` or its guide's ``<Guide>_<name>.``...), e.g. those of the model that was just trained."""
+    keys = list(pyro.get_param_store().keys())
+
+    def taken(n: str) -> bool:
+        return any(k.startswith(n + "$$$") or f"_{n}." in k.split(".", 1)[0] + "." for k in keys)
+
+    k, out = 0, name
+    while taken(out):
+        k += 1
+        out = f"{name}_{k}"
+    return out
 
 
 def _check_names(current: dict, saved: dict, *, what: str) -> None:
     missing = sorted(set(current) - set(saved))
     unexpected = sorted(set(saved) - set(current))
     shapes = [f"{k}: saved {tuple(saved[k].shape)} vs model {tuple(current[k].shape)}"
-              for k in set(current) & set(saved) if saved[k].shape != current[k].shape]
+              for k in sorted(set(current) & set(saved)) if saved[k].shape != current[k].shape]
     if missing or unexpected or shapes:
         raise ValueError(f"{what} do not match the saved run: missing {missing[:5]}, unexpected {unexpected[:5]}, "
                          f"shape mismatches {shapes[:5]} (was it saved with another config, backbone or guide?)")
@@ -165,29 +247,58 @@ def _dummy_example(num_classes: int):
     return _Dummy(num_classes)
 
 
-def export_peft(path: str | os.PathLike, model: ScalaBL, guide) -> Path:
-    """Write a plain peft adapter with ``A = diag(s_median) V`` (the posterior median of every ``s``).
+def export_peft(path: str | os.PathLike, model: LoRAModel, guide=None) -> Path:
+    """Write a plain peft adapter for the full backbone: ``A = diag(s_median) V`` for ScalaBL (the posterior
+    median of every ``s``), the adapters as they are for plain LoRA.
+
+    In the letter format the output head was cut down to the answer-letter rows; its adapter is written for
+    the full vocabulary head (zero rows elsewhere), so the exported adapter loads on the unmodified backbone
+    (``PeftModel.from_pretrained(base, path)`` or ``AutoPeftModelForCausalLM.from_pretrained(path)``) and gives
+    the same answer-letter logits.
 
     Example::
 
-        export_peft("runs/obqa/peft_mean", model, guide)  # PeftModel.from_pretrained(base, that_dir)
+        export_peft("runs/obqa/peft_median", model, guide)
     """
-    try:
-        med = guide.median() if hasattr(guide, "median") else None
-    except NotImplementedError:
-        med = None
-    if not med:
-        raise ValueError("export_peft needs a guide with a median() (e.g. AutoNormal, AutoDelta)")
-    sites = model.net.subspace.sites
-    saved = {}
-    with torch.no_grad():
-        for site, info in sites.items():
-            saved[site] = info.lora_A.weight.clone()
-            info.lora_A.weight.mul_(med[site].reshape(-1, 1))
-        try:
-            model.net.peft_model.save_pretrained(path, save_embedding_layers=False)
-        finally:
-            for site, info in sites.items():
-                info.lora_A.weight.copy_(saved[site])
-    return Path(path)
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file as _save
 
+    net = model.net
+    sub = net.subspace
+    if sub is not None and sub.latent != "s":
+        raise ValueError("export_peft folds ScalaBL's s into A; a BLoB run has no single A to export")
+    med = None
+    if sub is not None:
+        try:
+            med = guide.median() if guide is not None and hasattr(guide, "median") else None
+        except NotImplementedError:
+            med = None
+        if not med:
+            raise ValueError("export_peft needs a guide with a median() (e.g. AutoNormal, AutoDelta)")
+    state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(net.peft_model, save_embedding_layers=False).items()}
+    if sub is not None:
+        for site, info in sub.sites.items():
+            key = next(k for k in state if k.endswith(f"{info.module_name}.lora_A.weight"))
+            state[key] = info.lora_A.weight.detach() * med[site].detach().reshape(-1, 1).to(info.lora_A.weight)
+    if net.config.scoring == "letter":
+        ids = torch.tensor(net.label_token_ids)
+        vocab = net.peft_model.get_base_model().get_input_embeddings().num_embeddings
+        for k in [k for k in state if "lm_head.lora_B" in k]:
+            full = state[k].new_zeros(vocab, state[k].shape[1])
+            full[ids] = state[k]
+            state[k] = full
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-"))
+    try:
+        cfg = net.peft_model.peft_config["default"]
+        cfg.save_pretrained(str(tmp))
+        _save({k: v.contiguous() for k, v in state.items()}, str(tmp / "adapter_model.safetensors"),
+              metadata={"format": "pt"})
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path

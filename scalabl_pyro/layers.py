@@ -21,9 +21,19 @@ from torch import nn
 
 from .config import ScalaBLConfig
 
-__all__ = ["add_lora", "lora_layers", "Subspace", "SubspaceSite"]
+__all__ = ["add_lora", "lora_layers", "site_name", "Subspace", "SubspaceSite", "SITE_PREFIX"]
 
 _PEFT_PREFIX = "base_model.model."
+
+#: Every latent site is named ``"lora.<module>.<latent>"``, e.g. ``lora.model.layers.3.self_attn.q_proj.s``.
+#: The fixed first component keeps site names off every autoguide attribute (``AutoGuide.model`` in
+#: particular: Pyro's ``AutoDelta`` stores site ``a.b`` at attribute path ``a.b`` of the guide).
+SITE_PREFIX = "lora."
+
+
+def site_name(module_name: str, latent: str = "s") -> str:
+    """The latent site of an adapted module: ``site_name("lm_head") == "lora.lm_head.s"`` (``latent="A"``: BLoB)."""
+    return f"{SITE_PREFIX}{module_name}.{latent}"
 
 
 def _linear_names(model: nn.Module) -> list[str]:
@@ -47,12 +57,14 @@ def add_lora(backbone: nn.Module, config: ScalaBLConfig, *, seed: int = 0):
     from peft import LoraConfig, get_peft_model
 
     present = {n.rsplit(".", 1)[-1] for n, _ in backbone.named_modules()}
-    found = [t for t in config.target_modules if t in present]
-    if not found:
+    missing = [t for t in config.target_modules if t not in present]
+    if missing:  # a misspelt name (v_prj) must not silently adapt fewer layers
         raise ValueError(
-            f"The model has none of the target modules {list(config.target_modules)}. "
-            f"Its linear layers are named: {_linear_names(backbone)}; pass some of them as target_modules."
+            f"The model has no module named {missing[0]!r}" + (f" (nor {missing[1:]})" if missing[1:] else "")
+            + f" among target_modules={list(config.target_modules)}. Its linear layers are named: "
+            f"{_linear_names(backbone)}; pass some of them as target_modules."
         )
+    found = list(config.target_modules)
     if "lm_head" in config.target_modules and getattr(backbone.config, "tie_word_embeddings", False):
         backbone.config.tie_word_embeddings = False
         text_cfg = getattr(backbone.config, "get_text_config", lambda: None)()
@@ -60,7 +72,7 @@ def add_lora(backbone: nn.Module, config: ScalaBLConfig, *, seed: int = 0):
             text_cfg.tie_word_embeddings = False
     lcfg = LoraConfig(
         r=config.r, lora_alpha=config.alpha, target_modules=list(found), lora_dropout=config.lora_dropout,
-        bias="none",
+        bias="none", task_type="CAUSAL_LM",  # so that AutoPeftModelForCausalLM loads exported adapters
     )
     # peft draws the adapters on the CPU (then moves them to the layer's device): the same seed gives the
     # same start on any device.
@@ -87,7 +99,7 @@ def lora_layers(peft_model: nn.Module) -> dict[str, nn.Module]:
 
 @dataclass
 class SubspaceSite:
-    """One adapted module: latent site ``site`` (``module_name + ".s"``, or ``".A"`` for BLoB)."""
+    """One adapted module: latent site ``site`` (``"lora." + module_name + ".s"``, or ``".A"`` for BLoB)."""
 
     module_name: str
     site: str
@@ -131,7 +143,7 @@ class Subspace:
             lora_A, lora_B = layer.lora_A[adapter], layer.lora_B[adapter]
             r, n_in = lora_A.weight.shape
             if latent == "A":
-                site = f"{name}.A"
+                site = site_name(name, "A")
                 lora_A.weight.requires_grad_(False)  # A is the latent; lora_A.weight is unused
                 self.sites[site] = SubspaceSite(name, site, layer, lora_A, lora_B, lora_A.weight.detach().clone())
                 self._handles.append(lora_A.register_forward_hook(self._make_hook(site)))
@@ -145,7 +157,7 @@ class Subspace:
                 vh = vh * vh.gather(1, vh.abs().argmax(1, keepdim=True)).sign()
                 lora_A.weight.copy_(vh.to(lora_A.weight))
                 s0 = s0.to(device=lora_A.weight.device, dtype=torch.float32)
-            site = f"{name}.s"
+            site = site_name(name, "s")
             self.sites[site] = SubspaceSite(name, site, layer, lora_A, lora_B, s0.detach().clone())
             self._handles.append(lora_A.register_forward_hook(self._make_hook(site)))
 

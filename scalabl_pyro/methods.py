@@ -20,6 +20,7 @@ Each method gets its own freshly loaded backbone from ``backbone_fn``.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -31,7 +32,7 @@ from pyro import poutine
 from pyro.infer.autoguide import AutoLaplaceApproximation, AutoMultivariateNormal
 
 from .config import ScalaBLConfig, TrainConfig
-from .guides import init_to_s0, make_guide
+from .guides import init_to_s0, laplace_posterior, make_guide
 from .model import LoRAModel, ScalaBL
 from .predictive import Prediction, predict
 from .priors import centered_prior
@@ -148,14 +149,8 @@ def laplace_guide(model: ScalaBL, map_guide: AutoLaplaceApproximation, examples:
         scale = cov.diagonal().sqrt()
         corr = cov / scale[:, None] / scale[None, :]
         scale_tril = torch.linalg.cholesky(corr)
-    guide = AutoMultivariateNormal(model)
-    b = model.net.collate([examples[idx[0]]])
-    guide._setup_prototype(b, b["labels"])
-    del guide.loc, guide.scale, guide.scale_tril
-    guide.register_buffer("loc", loc.detach().clone())
-    guide.register_buffer("scale", scale.to(loc.dtype))
-    guide.register_buffer("scale_tril", scale_tril.to(loc.dtype))
-    return guide
+    return laplace_posterior(model, model.net.collate([examples[idx[0]]]), loc=loc, scale=scale.to(loc.dtype),
+                             scale_tril=scale_tril.to(loc.dtype))
 
 
 def fit_bayesadapt_recipe(model: ScalaBL, guide, examples: Sequence, *, config: TrainConfig,
@@ -235,13 +230,16 @@ def resolve_prior(prior, net: AdaptedLM):
 def train_method(method: str, backbone_fn: Callable[[], tuple], train_examples: Sequence, *, label_words,
                  config: ScalaBLConfig = ScalaBLConfig(), train_config: TrainConfig = TrainConfig(),
                  guide: str = "normal", prior=None, num_samples: int = 10, ensemble_size: int = 3,
-                 dropout: float = 0.1, map_weight_decay: float = 1e-2, progress: bool = True) -> Trained:
+                 dropout: float = 0.1, map_weight_decay: float = 1e-2, progress: bool = True,
+                 checkpoint_dir=None, checkpoint_every: int | None = None) -> Trained:
     """Build and train ``method`` on ``train_examples``.
 
     :param backbone_fn: returns a fresh ``(model, tokenizer)`` (e.g. ``lambda: load_backbone("smollm2")``).
     :param guide: autoguide name for ``scalabl``/``blob`` (see :data:`~scalabl_pyro.guides.GUIDES`).
     :param prior: any prior form of :func:`~scalabl_pyro.priors.normalize_prior` (default ``Normal(0, 1)``), or
         a name from :data:`PRIORS`: ``"s0"`` is :func:`~scalabl_pyro.priors.centered_prior` at the net's ``s0``.
+    :param checkpoint_dir: checkpoint :func:`~scalabl_pyro.train.fit` there and resume from it (an ensemble
+        member ``k`` in ``member<k>/``); not for ``scalabl_bayesadapt``, which has its own loop.
 
     Example::
 
@@ -251,6 +249,9 @@ def train_method(method: str, backbone_fn: Callable[[], tuple], train_examples: 
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     n = len(train_examples)
+    if checkpoint_dir is not None and method == "scalabl_bayesadapt":
+        raise ValueError("scalabl_bayesadapt trains with its own loop, which does not checkpoint; drop checkpoint_dir")
+    ck = {"checkpoint_dir": checkpoint_dir, "checkpoint_every": checkpoint_every} if checkpoint_dir is not None else {}
     pyro.clear_param_store()
     t0 = time.perf_counter()
 
@@ -265,7 +266,7 @@ def train_method(method: str, backbone_fn: Callable[[], tuple], train_examples: 
         if method == "mcdropout":
             net.peft_model.train()
         model = LoRAModel(net, num_data=n)
-        res = fit(model, None, train_examples, config=tc, progress=progress)
+        res = fit(model, None, train_examples, config=tc, progress=progress, **ck)
         net.peft_model.eval()
         lp = lora_parameter_count(net)
         return Trained(method, [model], None, num_samples, res.losses, time.perf_counter() - t0, 0, lp)
@@ -275,7 +276,8 @@ def train_method(method: str, backbone_fn: Callable[[], tuple], train_examples: 
             pyro.clear_param_store()
             tc = dataclasses.replace(train_config, seed=train_config.seed + 1000 * k)
             model = LoRAModel(net_of(False, seed=tc.seed), num_data=n, name=f"lora{k}")
-            losses.extend(fit(model, None, train_examples, config=tc, progress=progress).losses)
+            member = {**ck, "checkpoint_dir": os.path.join(checkpoint_dir, f"member{k}")} if ck else {}
+            losses.extend(fit(model, None, train_examples, config=tc, progress=progress, **member).losses)
             models.append(model)
         lp = lora_parameter_count(models[0].net)
         return Trained(method, models, None, ensemble_size, losses, time.perf_counter() - t0,
@@ -296,7 +298,7 @@ def train_method(method: str, backbone_fn: Callable[[], tuple], train_examples: 
     else:
         model = ScalaBL(net := net_of(True), prior=resolve_prior(prior, net), num_data=n)
         g = make_guide(guide, model)
-    res = fit(model, g, train_examples, config=train_config, progress=progress)
+    res = fit(model, g, train_examples, config=train_config, progress=progress, **ck)
     if method == "laplace":
         g = laplace_guide(model, g, train_examples, seed=train_config.seed)
     guide_params = sum(p.numel() for p in g.parameters()) + sum(b.numel() for b in g.buffers())

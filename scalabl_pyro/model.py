@@ -6,8 +6,8 @@ projections are registered in Pyro's param store (``pyro.module``); the frozen b
 
 Sites (public API, stable):
 
-* ``<module>.s`` — ScalaBL only: one latent site per adapted module, event shape ``(r,)``,
-  e.g. ``model.layers.3.self_attn.q_proj.s``. Listed by :attr:`ScalaBL.latent_sites`.
+* ``lora.<module>.s`` — ScalaBL only: one latent site per adapted module, event shape ``(r,)``,
+  e.g. ``lora.model.layers.3.self_attn.q_proj.s`` (BLoB: ``lora.<module>.A``). Listed by :attr:`ScalaBL.latent_sites`.
 * ``probs`` — deterministic class probabilities, shape ``(B, C)`` (inside the ``data`` plate).
 * ``obs`` — the observed label, ``Categorical(logits)``, inside ``pyro.plate("data", num_data)``
   so the log-likelihood of a minibatch is scaled to the full data set.
@@ -28,14 +28,38 @@ from pyro import poutine
 from pyro.infer.autoguide.initialization import InitMessenger
 from pyro.poutine.condition_messenger import ConditionMessenger
 from pyro.poutine.replay_messenger import ReplayMessenger
+from pyro.params.param_store import param_with_module_name
 from pyro.poutine.runtime import _PYRO_STACK
 
-from .priors import PriorSpec, normalize_prior
+from .priors import PriorSpec, normalize_prior, prior_to_spec
 from .scoring import AdaptedLM
 
-__all__ = ["LoRAModel", "ScalaBL", "count_parameters", "OBS_SITE", "PROBS_SITE", "DATA_PLATE"]
+__all__ = ["LoRAModel", "ScalaBL", "count_parameters", "register_adapters", "ParamStoreConflictError",
+           "OBS_SITE", "PROBS_SITE", "DATA_PLATE"]
 
 OBS_SITE, PROBS_SITE, DATA_PLATE = "obs", "probs", "data"
+
+
+class ParamStoreConflictError(RuntimeError):
+    """Pyro's global param store holds another guide's parameters under a new guide's names
+    (see :func:`~scalabl_pyro.guides.check_fresh_guide`)."""
+
+
+def register_adapters(name: str, adapters: torch.nn.Module) -> None:
+    """``pyro.module(name, adapters)``, with this model's own tensors always the ones in the param store.
+
+    ``pyro.module`` keeps a tensor already stored under ``name$$$...`` and leaves the module's own one out of
+    the store, so SVI would train another model's tensors while this model's forward uses its own: its
+    adapters would never train, silently. That happens whenever a second model is built under the same
+    ``name`` without ``pyro.clear_param_store()`` (a notebook cell run twice). Here a stale entry is replaced
+    by this model's tensor: whichever model runs owns the name, and every model trains its own adapters.
+    """
+    store = pyro.get_param_store()
+    for pname, p in adapters.named_parameters():
+        key = param_with_module_name(name, pname)
+        if key in store and store.param_name(p) != key:
+            del store[key]
+    pyro.module(name, adapters)
 
 
 def _in_shape_pass() -> bool:
@@ -54,7 +78,8 @@ class LoRAModel:
 
     :param net: an :class:`~scalabl_pyro.scoring.AdaptedLM` built with ``subspace=False``.
     :param num_data: default data set size for the likelihood scale (overridden by the ``num_data`` kwarg).
-    :param name: prefix of the projections in Pyro's param store.
+    :param name: prefix of the projections in Pyro's param store (the model that runs owns it: see
+        :func:`register_adapters`); the guides of :func:`~scalabl_pyro.guides.make_guide` are named after it.
 
     Example::
 
@@ -86,7 +111,7 @@ class LoRAModel:
             return pyro.sample(OBS_SITE, dist.Categorical(logits=logits), obs=labels)
 
     def __call__(self, batch, labels=None, *, num_data: int | None = None):
-        pyro.module(self.name, self._adapters)
+        register_adapters(self.name, self._adapters)
         B = batch["labels"].shape[0]
         if _in_shape_pass():
             logits = torch.zeros(B, self.num_classes, device=self.net.device)
@@ -125,6 +150,7 @@ class ScalaBL(LoRAModel):
         from .priors import isotropic_normal
 
         self.prior = normalize_prior(prior, default=isotropic_normal(net.config.prior_scale))
+        self.prior_spec = prior_to_spec(prior)  # what save_run records
         self.kl_weight = kl_weight
 
     @property
@@ -137,12 +163,19 @@ class ScalaBL(LoRAModel):
         """Total number of latent coordinates (``r`` x number of adapted modules)."""
         return sum(v.s0.numel() for v in self.net.subspace.sites.values())
 
+    def prior_param_names(self) -> list[str]:
+        """Param-store names of the prior's learned parameters (e.g. :class:`~scalabl_pyro.priors.LayerScalePrior`'s)."""
+        with poutine.trace(param_only=True) as tr:
+            for site, info in self.net.subspace.sites.items():
+                self.prior(site, info.layer, info.event_shape)
+        return [name for name, node in tr.trace.nodes.items() if node["type"] == "param"]
+
     def s0_values(self) -> dict[str, torch.Tensor]:
         """Initial ``s`` per site (singular values of the Kaiming-initialized ``A``)."""
         return {k: v.clone() for k, v in self.net.subspace.s0.items()}
 
     def __call__(self, batch, labels=None, *, num_data: int | None = None):
-        pyro.module(self.name, self._adapters)
+        register_adapters(self.name, self._adapters)
         scale = poutine.scale(scale=self.kl_weight) if self.kl_weight != 1.0 else contextlib.nullcontext()
         s, leads = {}, []
         with scale:

@@ -39,7 +39,7 @@ from torch import nn
 from .config import ScalaBLConfig, TrainConfig
 from .layers import lora_layers
 from .methods import Trained, lora_parameter_count
-from .model import LoRAModel, _in_shape_pass
+from .model import LoRAModel, _in_shape_pass, register_adapters
 from .scoring import AdaptedLM
 from .train import fit
 
@@ -218,7 +218,7 @@ class PolarVBLL(LoRAModel):
         return logits if self.bias is None else logits + self.bias.to(logits)
 
     def __call__(self, batch, labels=None, *, num_data: int | None = None):
-        pyro.module(self.name, self._adapters)
+        register_adapters(self.name, self._adapters)
         prior = dist.Normal(self.prior_loc.to(self.net.device), self.prior_scale).to_event(2)
         with poutine.scale(scale=self.kl_weight) if self.kl_weight != 1.0 else contextlib.nullcontext():
             W = pyro.sample(HEAD_SITE, prior)

@@ -25,7 +25,7 @@ def posterior_scales(model, guide, batch, *, num_samples: int = 200) -> dict[str
     Example::
 
         scales = posterior_scales(model, guide, batch)
-        scales["lm_head.s"]["std"]
+        scales["lora.lm_head.s"]["std"]
     """
     sites = list(model.latent_sites)
     with torch.no_grad():
@@ -55,7 +55,7 @@ def plot_posterior_scales(scales: dict, path: str | os.PathLike, *, title: str |
     colors = ["tab:blue" if ".q_proj" in n else "tab:orange" if ".v_proj" in n else "tab:green" for n in names]
     ax.bar(range(len(names)), [scales[n]["std"] for n in names], color=colors)
     ax.plot(range(len(names)), [scales[n]["prior_std"] for n in names], "k--", lw=1, label="prior std")
-    ticks = [n.replace("model.layers.", "L").replace(".self_attn.", ".").replace(".s", "") for n in names]
+    ticks = [n.removeprefix("lora.").replace("model.layers.", "L").replace(".self_attn.", ".").replace(".s", "") for n in names]
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels(ticks, rotation=90, fontsize=6)
     ax.set_ylabel("posterior std of s")

@@ -1,4 +1,4 @@
-"""Priors over the subspace sites ``<module>.s`` (event shape ``(r,)``).
+"""Priors over the subspace sites ``lora.<module>.s`` (event shape ``(r,)``).
 
 A prior may be given as
 
@@ -16,7 +16,7 @@ type-II maximum likelihood).
 Writing your own prior takes a few lines::
 
     def depth_prior(site, module):
-        layer = int(site.split(".")[2]) if ".layers." in site else 0
+        layer = int(site.split(".")[3]) if ".layers." in site else 0  # lora.model.layers.<l>...
         return dist.Normal(0.0, 1.0 / (1 + 0.1 * layer))
 
     model = ScalaBL(net, prior=depth_prior)
@@ -31,20 +31,21 @@ import torch
 from pyro.distributions import constraints
 
 __all__ = ["normalize_prior", "isotropic_normal", "centered_prior", "laplace_prior", "student_t_prior",
-           "LayerScalePrior", "PriorSpec"]
+           "LayerScalePrior", "PriorSpec", "prior_to_spec", "prior_from_spec"]
 
 PriorFn = Callable[[str, torch.nn.Module], dist.Distribution]
 PriorSpec = Union[None, dist.Distribution, Mapping[str, dist.Distribution], PriorFn]
 
 
-def _fixed(fn: PriorFn) -> PriorFn:
+def _fixed(fn: PriorFn, **spec) -> PriorFn:
     fn.fixed = True  # same Distribution on every call: normalize_prior may cache it per site and device
+    fn.spec = spec  # how save_run records it (prior_to_spec)
     return fn
 
 
 def isotropic_normal(scale: float = 1.0) -> PriorFn:
     """``Normal(0, scale)`` on every coordinate of every site (the default, ``scale=1``)."""
-    return _fixed(lambda site, module: dist.Normal(0.0, float(scale)))
+    return _fixed(lambda site, module: dist.Normal(0.0, float(scale)), kind="isotropic_normal", scale=float(scale))
 
 
 def centered_prior(locs: Mapping[str, torch.Tensor], scale: float = 1.0) -> dict[str, dist.Distribution]:
@@ -67,12 +68,13 @@ def centered_prior(locs: Mapping[str, torch.Tensor], scale: float = 1.0) -> dict
 
 def laplace_prior(scale: float = 1.0) -> PriorFn:
     """``Laplace(0, scale)``: favours sparse ``s`` (few active directions per layer)."""
-    return _fixed(lambda site, module: dist.Laplace(0.0, float(scale)))
+    return _fixed(lambda site, module: dist.Laplace(0.0, float(scale)), kind="laplace_prior", scale=float(scale))
 
 
 def student_t_prior(df: float = 3.0, scale: float = 1.0) -> PriorFn:
     """``StudentT(df, 0, scale)``: heavy tails let a few directions grow large."""
-    return _fixed(lambda site, module: dist.StudentT(float(df), 0.0, float(scale)))
+    return _fixed(lambda site, module: dist.StudentT(float(df), 0.0, float(scale)), kind="student_t_prior",
+                  df=float(df), scale=float(scale))
 
 
 def _device_of(module) -> torch.device | None:
@@ -117,6 +119,10 @@ class LayerScalePrior:
     def __init__(self, *, init: float = 1.0, hyper_scale: float = 1.0):
         self.init, self.hyper_scale = float(init), float(hyper_scale)
 
+    @property
+    def spec(self) -> dict:
+        return {"kind": "LayerScalePrior", "init": self.init, "hyper_scale": self.hyper_scale}
+
     def __call__(self, site: str, module) -> dist.Distribution:
         sigma = pyro.param(f"prior_scale.{site}", lambda: torch.tensor(self.init, device=_device_of(module)),
                            constraint=constraints.positive)
@@ -145,7 +151,7 @@ def normalize_prior(prior: PriorSpec, *, default: PriorFn | None = None) -> Call
     Example::
 
         fn = normalize_prior(dist.Normal(0.0, 0.5))
-        fn("model.layers.0.self_attn.q_proj.s", module, (8,)).event_shape == (8,)
+        fn("lora.model.layers.0.self_attn.q_proj.s", module, (8,)).event_shape == (8,)
     """
     default = default or isotropic_normal(1.0)
     fixed = prior is None and getattr(default, "fixed", False)
@@ -188,3 +194,76 @@ def normalize_prior(prior: PriorSpec, *, default: PriorFn | None = None) -> Call
 
     fn.fixed = fixed
     return fn
+
+
+# ------------------------------------------------------------------------------------ save and load
+_FACTORIES = {"isotropic_normal": isotropic_normal, "laplace_prior": laplace_prior, "student_t_prior": student_t_prior}
+
+
+def _dist_to_spec(d: dist.Distribution) -> dict:
+    if isinstance(d, dist.Independent):
+        return {"class": "Independent", "base": _dist_to_spec(d.base_dist),
+                "reinterpreted_batch_ndims": d.reinterpreted_batch_ndims}
+    if isinstance(d, dist.ExpandedDistribution):
+        return {"class": "Expanded", "base": _dist_to_spec(d.base_dist), "batch_shape": list(d.batch_shape)}
+    names = [k for k in d.arg_constraints if k in vars(d)]
+    if not hasattr(dist, type(d).__name__) or not names:
+        raise TypeError(f"cannot record a {type(d).__name__} prior; use a pyro.distributions class")
+    args = {}
+    for k in names:
+        v = vars(d)[k]
+        args[k] = v.detach().cpu().tolist() if isinstance(v, torch.Tensor) else float(v)
+    return {"class": type(d).__name__, "args": args}
+
+
+def _dist_from_spec(spec: dict) -> dist.Distribution:
+    if spec["class"] == "Independent":
+        return dist.Independent(_dist_from_spec(spec["base"]), spec["reinterpreted_batch_ndims"])
+    if spec["class"] == "Expanded":
+        return _dist_from_spec(spec["base"]).expand(spec["batch_shape"])
+    return getattr(dist, spec["class"])(**{k: torch.tensor(v) for k, v in spec["args"].items()})
+
+
+def prior_to_spec(prior: PriorSpec) -> dict:
+    """A JSON-able record of a prior, for :func:`~scalabl_pyro.io.save_run`; :func:`prior_from_spec` rebuilds it.
+
+    Ready-made priors are recorded by name and parameters, Distributions and dicts of them by class and
+    parameter values; any other callable as ``{"kind": "callable", "name": ...}`` (pass it again to
+    :func:`~scalabl_pyro.io.load_run`).
+
+    Example::
+
+        prior_from_spec(prior_to_spec(laplace_prior(0.5)))  # Laplace(0, 0.5) again
+    """
+    if prior is None:
+        return {"kind": "default"}
+    if isinstance(getattr(prior, "spec", None), dict):
+        return dict(prior.spec)
+    if isinstance(prior, dist.Distribution):
+        return {"kind": "distribution", "dist": _dist_to_spec(prior)}
+    if isinstance(prior, Mapping):
+        return {"kind": "dict", "sites": {k: _dist_to_spec(v) for k, v in prior.items()}}
+    return {"kind": "callable", "name": getattr(prior, "__qualname__", type(prior).__qualname__)}
+
+
+def prior_from_spec(spec: dict, *, prior: PriorSpec = None) -> PriorSpec:
+    """Rebuild the prior that :func:`prior_to_spec` recorded (``prior``: the callable of a ``"callable"`` record)."""
+    kind = spec.get("kind")
+    if kind == "callable":
+        if prior is None:
+            raise ValueError(f"the run was trained with the custom prior callable {spec.get('name')!r}, which cannot "
+                             "be saved; pass it again: load_run(path, prior=...)")
+        return prior
+    if prior is not None:
+        raise ValueError(f"the run records its prior ({kind}); prior= is only for runs with a custom callable prior")
+    if kind == "default":
+        return None
+    if kind in _FACTORIES:
+        return _FACTORIES[kind](**{k: v for k, v in spec.items() if k != "kind"})
+    if kind == "LayerScalePrior":
+        return LayerScalePrior(init=spec["init"], hyper_scale=spec["hyper_scale"])
+    if kind == "distribution":
+        return _dist_from_spec(spec["dist"])
+    if kind == "dict":
+        return {k: _dist_from_spec(v) for k, v in spec["sites"].items()}
+    raise ValueError(f"unknown prior record {spec!r}; it was written by another version of scalabl_pyro")

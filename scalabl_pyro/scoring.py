@@ -67,6 +67,7 @@ class AdaptedLM:
         if len(label_words) < 2:
             raise ValueError(f"label_words={tuple(label_words)!r}: a classification task needs at least 2 classes")
         self.config = config
+        self.seed = seed  # of the adapters' initialization (V, s0): save_run records it
         self.tokenizer = tokenizer
         self.label_words = tuple(label_words)
         self.num_classes = len(label_words)
@@ -88,6 +89,7 @@ class AdaptedLM:
             backbone.set_output_embeddings(cut)
             self.label_token_ids = ids
         self.peft_model = add_lora(backbone, config, seed=seed)
+        self.peft_model.eval()  # peft's new dropout layers start in training mode; MC dropout turns them on itself
         self.subspace = (Subspace(self.peft_model, latent="A" if subspace == "A" else "s")
                          if subspace else None)
         hf = self.peft_model.get_base_model()

@@ -1,13 +1,22 @@
-"""The command line: demo/train/evaluate on the tiny model, and clean errors for bad input."""
+"""The command line: demo/train/evaluate on the tiny model, each verb taking only the options it uses, and clean
+errors for bad input."""
 import json
+import re
 
 import pytest
 
-from scalabl_pyro.cli import main
+import scalabl_pyro
+from scalabl_pyro.cli import VERB_OPTIONS, main
 from scalabl_pyro.experiment import run_dir
 
-TINY = ["--backbone", "tiny", "--steps", "2", "--batch-size", "4", "--train-limit", "8", "--test-limit", "6",
-        "--num-samples", "3", "--quiet"]
+TRAIN_TINY = ["--backbone", "tiny", "--steps", "2", "--batch-size", "4", "--train-limit", "8", "--quiet"]
+EVAL_TINY = ["--test-limit", "6", "--num-samples", "3", "--quiet"]
+TINY = [*TRAIN_TINY[:-1], *EVAL_TINY]  # demo, benchmark and compare-guides train and evaluate
+
+
+def _named(record, key: str):
+    """A run.json entry that is a name, or (newer run formats) a record holding the name under ``key``."""
+    return record[key] if isinstance(record, dict) else record
 
 
 def test_demo_and_overwrite(tmp_path, capsys):
@@ -35,18 +44,35 @@ def test_demo_defaults_to_its_own_budget_and_prior(monkeypatch):
     seen.clear()
     assert main(["demo", "--out", "unused", "--quiet", "--guide-lr", "0.01"]) == 0
     assert seen["grid"].guide_lr == 0.01
+    seen.clear()
+    assert main(["demo", "--out", "unused", "--quiet", "--normalize", "tokens"]) == 0
+    assert seen["grid"].normalize == "tokens" and g.normalize == "none"
 
 
 def test_train_then_evaluate(tmp_path, capsys):
     run = tmp_path / "run"
-    assert main(["train", "--out", str(run), "--r", "4", *TINY]) == 0
+    assert main(["train", "--out", str(run), "--r", "4", "--normalize", "chars", *TRAIN_TINY]) == 0
     info = json.loads((run / "run.json").read_text())
-    assert info["model"] == "ScalaBL" and info["guide"] == "normal" and len(info["latent_sites"]) == 5
-    assert main(["evaluate", str(run), *TINY]) == 0
+    assert _named(info["model"], "class") == "ScalaBL" and _named(info["guide"], "kind") == "normal"
+    assert len(info["latent_sites"]) == 5
+    assert info["config"]["normalize"] == "chars" and info["config"]["scoring"] == "choice"  # --normalize is used
+    assert main(["evaluate", str(run), *EVAL_TINY]) == 0
     metrics = json.loads((run / "eval_countries_test" / "metrics.json").read_text())
     assert metrics["n"] == 6 and metrics["num_samples"] == 3
-    assert main(["train", "--out", str(run), "--r", "4", *TINY]) == 2  # refuses to overwrite
+    assert main(["train", "--out", str(run), "--r", "4", *TRAIN_TINY]) == 2  # refuses to overwrite
     assert "already holds a run" in capsys.readouterr().err
+
+
+def test_plain_lora_run_refuses_what_it_would_ignore(tmp_path, capsys):
+    run = tmp_path / "mle"
+    assert main(["train", "--out", str(run), "--method", "mle", "--r", "4", *TRAIN_TINY]) == 0
+    assert json.loads((run / "run.json").read_text())["guide"] is None
+    capsys.readouterr()
+    assert main(["evaluate", str(run), *EVAL_TINY]) == 2  # a plain LoRA run has no posterior to sample
+    err = capsys.readouterr().err
+    assert "--num-samples" in err and "plain LoRA" in err and "drop --num-samples" in err
+    assert main(["evaluate", str(run), "--test-limit", "6", "--quiet"]) == 0
+    assert json.loads((run / "eval_countries_test" / "metrics.json").read_text())["num_samples"] == 1
 
 
 def test_benchmark_runs_then_reports_without_running(tmp_path, capsys):
@@ -94,3 +120,126 @@ def test_bad_input_is_a_clear_error(argv, message, tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+# --------------------------------------------------------------------------------------------- an honest CLI
+SHARED = sorted({k for keys in VERB_OPTIONS.values() for k in keys})
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def test_version(capsys):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"scalabl-pyro {scalabl_pyro.__version__}"
+
+
+@pytest.mark.parametrize("verb", sorted(VERB_OPTIONS))
+def test_help_shows_only_the_options_a_verb_uses_and_an_example(verb, capsys):
+    assert main([verb, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "examples:" in out and f"  scalabl-pyro {verb} " in out.split("examples:")[1]
+    for key in SHARED:
+        shown = re.search(rf"(?<![\w-]){re.escape(_flag(key))}(?![\w-])", out) is not None
+        assert shown == (key in VERB_OPTIONS[verb]), (verb, key)
+    options = out.split("options:")[1].split("examples:")[0]
+    for line in options.splitlines():  # every option has a help text next to (or under) it
+        if line.startswith("  --") and len(line.split()) == 1:
+            assert options.split(line)[1].splitlines()[1].startswith(" " * 10), line
+
+
+@pytest.mark.parametrize("argv", [
+    ["demo", "--data-dir", "x"], ["demo", "--r", "4"],
+    ["train", "--num-samples", "3"], ["train", "--test-limit", "6"], ["train", "--seeds", "0,1"],
+    ["evaluate", "RUN", "--steps", "2"], ["evaluate", "RUN", "--backbone", "tiny"], ["evaluate", "RUN", "--lr", "1"],
+    ["evaluate", "RUN", "--prior", "s0"], ["evaluate", "RUN", "--train-limit", "8"],
+    ["evaluate", "RUN", "--normalize", "tokens"],
+    ["benchmark", "--r", "4"], ["benchmark", "--seed", "1"], ["benchmark", "--method", "mle"],
+    ["compare-guides", "--seeds", "0,1"], ["compare-guides", "--data-dir", "x"],
+    ["compare-guides", "--dataset", "boolq"],
+])
+def test_each_verb_refuses_options_it_does_not_use(argv, tmp_path, capsys):
+    argv = [str(tmp_path) if a == "RUN" else a for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    flag = argv[-2]
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"scalabl-pyro {argv[0]}: error: unrecognized arguments: {flag}" in err
+    assert f"not of {argv[0]}" in err and f"'scalabl-pyro {argv[0]} --help'" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--method", "mle", "--guide", "lowrank"], "--guide only applies to the Bayesian method"),
+    (["train", "--method", "map", "--prior", "s0", "--guide-lr", "0.1"], "--prior, --guide-lr only apply"),
+    (["train", "--method", "mle", "--kl-anneal", "0.2"], "drop it, or use --method scalabl"),
+    (["train", "--scoring", "letter", "--normalize", "tokens"], "--normalize tokens only applies to choice scoring"),
+    (["demo", "--scoring", "letter", "--normalize", "chars"], "--normalize chars only applies to choice scoring"),
+    (["compare-guides", "--scoring", "letter", "--normalize", "tokens"], "use --scoring choice"),
+    (["benchmark", "--scoring", "letter", "--normalize", "tokens"], "but --scoring letter"),
+    (["compare-guides", "--guides", "normal,bogus"], "unknown guide(s) 'bogus'"),
+    (["train", "--data-dir", "some/dir"], "countries is generated by the package: drop --data-dir"),
+    (["benchmark", "--no-run", "--workers", "2"], "--no-run only rebuilds the tables"),
+    (["benchmark", "--no-run", "--device", "cpu", "--only-seeds", "0"], "so --device, --only-seeds would change"),
+    (["benchmark", "--no-run", "--overwrite"], "drop it, or drop --no-run"),
+    (["benchmark", "--workers", "0"], "--workers 0"),
+])
+def test_ignored_combinations_are_refused(argv, message, tmp_path, capsys):
+    assert main([*argv, "--out", str(tmp_path / "x"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"scalabl-pyro {argv[0]}: error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert message in err
+    assert not (tmp_path / "x").exists()  # refused before anything ran
+
+
+def test_benchmark_letter_scoring_from_config_with_normalize(tmp_path, capsys):
+    from scalabl_pyro.experiment import GridConfig
+
+    cfg = GridConfig(scoring="letter").save(tmp_path / "grid.json")
+    assert main(["benchmark", "--config", str(cfg), "--normalize", "tokens", "--out", str(tmp_path / "x")]) == 2
+    assert f"scoring='letter' in {cfg}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("verb", ["benchmark", "compare-guides"])
+def test_normalize_reaches_the_grid(verb, monkeypatch, tmp_path):
+    import scalabl_pyro.experiment as experiment
+
+    seen = {}
+    monkeypatch.setattr(experiment, "run_grid", lambda grid, out, **kw: seen.setdefault("grid", grid) and [])
+    monkeypatch.setattr(experiment, "compare_guides",
+                        lambda out, *, grid, **kw: seen.setdefault("grid", grid) and [{"guide": "normal"}])
+    assert main([verb, "--out", str(tmp_path / "x"), "--normalize", "tokens", "--quiet"]) == 0
+    assert seen["grid"].normalize == "tokens" and seen["grid"].model_config().normalize == "tokens"
+
+
+def test_train_resume_after_a_stop_equals_an_uninterrupted_run(tmp_path, capsys, monkeypatch):
+    from safetensors.torch import load_file
+
+    import scalabl_pyro.checkpoint as checkpoint
+
+    args = ["--r", "4", "--backbone", "tiny", "--steps", "6", "--batch-size", "4", "--train-limit", "8", "--quiet",
+            "--checkpoint-every", "2"]
+    whole, run = tmp_path / "whole", tmp_path / "run"
+    assert main(["train", "--out", str(whole), *args]) == 0
+    assert not (whole / "checkpoint").exists()  # the finished run replaces its checkpoint
+    save = checkpoint.save_checkpoint
+
+    def stop_after_step_4(*a, step, **kw):
+        save(*a, step=step, **kw)
+        if step == 4:
+            raise KeyboardInterrupt("stopped")
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", stop_after_step_4)
+    assert main(["train", "--out", str(run), *args]) == 130  # Ctrl-C: exit code 130
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save)
+    assert (run / "checkpoint" / "step-00000004").is_dir() and not (run / "run.json").exists()
+    capsys.readouterr()
+    assert main(["train", "--out", str(run), *args]) == 2  # neither --resume nor --overwrite
+    assert "--resume to continue it" in capsys.readouterr().err
+    assert main(["train", "--out", str(run), *args, "--resume"]) == 0
+    a, b = (load_file(str(d / "adapter" / "adapter_model.safetensors")) for d in (whole, run))
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    a, b = (load_file(str(d / "guide.safetensors")) for d in (whole, run))
+    assert all(a[k].equal(b[k]) for k in a)
+    assert main(["train", "--out", str(tmp_path / "fresh"), *args, "--resume"]) == 2
+    assert "holds no checkpoint" in capsys.readouterr().err

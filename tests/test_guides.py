@@ -20,7 +20,7 @@ GUIDE_CLASSES = {
     "lowrank": autoguide.AutoLowRankMultivariateNormal, "mvn": autoguide.AutoMultivariateNormal,
     "iaf": scalabl_guides.AutoIAFNormal,  # Pyro's, with the flow created on the model's device
     "laplace": autoguide.AutoLaplaceApproximation,
-    "delta": scalabl_guides.AutoDelta,  # Pyro's AutoDelta with params kept under locs (see guides.py)
+    "delta": autoguide.AutoDelta,  # Pyro's own: site names cannot collide with its attributes
 }
 
 
@@ -172,4 +172,53 @@ def test_every_site_is_trained_by_the_guide(name, make_model):
 
 
 def test_delta_is_pyros_autodelta():
-    assert issubclass(GUIDES["delta"], autoguide.AutoDelta)
+    assert GUIDES["delta"] is autoguide.AutoDelta
+
+
+@pytest.mark.parametrize("cls", [c for c in vars(autoguide).values()
+                                 if isinstance(c, type) and issubclass(c, autoguide.AutoGuide)],
+                         ids=lambda c: c.__name__)
+def test_site_names_never_collide_with_autoguide_attributes(make_model, cls):
+    """Autoguides (AutoDelta) store site ``a.b.c`` at attribute path ``a.b.c``: the first component of every
+    site name must not be an attribute of any autoguide class."""
+    model = make_model("letter")
+    heads = {site.split(".")[0] for site in model.latent_sites}
+    assert heads == {"lora"}
+    assert not any(hasattr(cls, h) for h in heads)
+
+
+def test_pyros_autodelta_trains_every_site(make_model):
+    model = make_model("letter")
+    guide = autoguide.AutoDelta(model, init_loc_fn=init_to_s0(model))
+    batch = model.net.collate(synthetic_examples(8))
+    svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 0.05}), pyro.infer.Trace_ELBO())
+    svi.step(batch, batch["labels"])
+    moved = {site for site, v in guide.median().items() if not torch.equal(v, model.s0_values()[site])}
+    assert moved == set(model.latent_sites)
+
+
+def test_fit_refuses_a_new_guide_over_another_guides_params(make_model, examples):
+    from scalabl_pyro.model import ParamStoreConflictError
+
+    first = make_model("letter", num_data=24)
+    fit(first, default_guide(first), examples, config=TrainConfig(steps=2), progress=False)
+    second = make_model("letter", num_data=24)  # same name: its guide's parameter names are the first one's
+    assert default_guide(second)._pyro_name == "AutoNormal_scalabl"
+    with pytest.raises(ParamStoreConflictError, match=r"another AutoNormal_scalabl.*pyro.clear_param_store\(\)"):
+        fit(second, default_guide(second), examples, config=TrainConfig(steps=2), progress=False)
+    pyro.clear_param_store()
+    fit(second, default_guide(second), examples, config=TrainConfig(steps=2), progress=False)
+
+
+def test_guides_of_differently_named_models_own_their_parameters(make_model, examples):
+    """Pyro's bare autoguides of one class share param-store names; make_guide names them after the model."""
+    a, b = make_model("letter", num_data=24), make_model("letter", num_data=24)
+    b.name = "other"
+    ga, gb = make_guide("normal", a), make_guide("normal", b)
+    fit(a, ga, examples, config=TrainConfig(steps=3, guide_lr=0.1), progress=False)
+    before = {k: v.detach().clone() for k, v in ga.state_dict().items()}
+    fit(b, gb, examples, config=TrainConfig(steps=3, guide_lr=0.1, seed=1), progress=False)
+    assert all(torch.equal(v, ga.state_dict()[k]) for k, v in before.items())  # training b left a alone
+    assert not any(torch.equal(v, gb.state_dict()[k]) for k, v in before.items() if "locs" in k)
+    store = pyro.get_param_store().keys()
+    assert any(k.startswith("AutoNormal_scalabl.") for k in store) and any(k.startswith("AutoNormal_other.") for k in store)

@@ -46,7 +46,7 @@ def test_scalabl_on_smollm2_parameter_count_and_training():
     model = sp.ScalaBL(net, num_data=len(train))
     guide = sp.default_guide(model)
     assert len(model.latent_sites) == 61  # q_proj and v_proj in 30 layers + lm_head
-    assert model.latent_sites[0] == "model.layers.0.self_attn.q_proj.s" and model.latent_sites[-1] == "lm_head.s"
+    assert model.latent_sites[0] == "lora.model.layers.0.self_attn.q_proj.s" and model.latent_sites[-1] == "lora.lm_head.s"
     res = sp.fit(model, guide, list(train.examples), config=sp.TrainConfig(steps=6, batch_size=4), progress=False)
     assert all(math.isfinite(x) for x in res.losses)
     counts = sp.count_parameters(model, guide)

@@ -13,7 +13,14 @@ from scalabl_pyro.config import ScalaBLConfig
 from scalabl_pyro.layers import Subspace, add_lora, lora_layers
 from scalabl_pyro.scoring import AdaptedLM
 
-SITE = "model.layers.0.self_attn.q_proj.s"
+SITE = "lora.model.layers.0.self_attn.q_proj.s"
+
+
+def test_misspelt_target_module_is_refused(tiny):
+    lm, _ = tiny
+    with pytest.raises(ValueError, match=r"no module named 'v_prj' among target_modules=\['q_proj', 'v_prj'\]"
+                                         r".*'v_proj'"):
+        add_lora(lm, ScalaBLConfig(r=4, target_modules=("q_proj", "v_prj")))
 
 
 def test_add_lora_without_targets_lists_linear_layers(tiny):
@@ -54,7 +61,7 @@ def test_subspace_V_orthonormal_and_s0_are_singular_values():
     reference = {name: layer.lora_A["default"].weight.detach().clone()
                  for name, layer in lora_layers(add_lora(tiny_llama()[0], cfg, seed=0)).items()}
     sub = Subspace(add_lora(tiny_llama()[0], cfg, seed=0))
-    assert set(sub.sites) == {f"{n}.s" for n in reference}
+    assert set(sub.sites) == {f"lora.{n}.s" for n in reference}
     for site, info in sub.sites.items():
         A = reference[info.module_name]
         V = info.lora_A.weight.detach()
@@ -64,7 +71,7 @@ def test_subspace_V_orthonormal_and_s0_are_singular_values():
         assert info.s0.shape == (4,) and bool((info.s0[:-1] >= info.s0[1:]).all())
         # V spans the row space of the original A: projecting A onto it changes nothing
         torch.testing.assert_close(A @ V.T @ V, A, atol=1e-5, rtol=0)
-        assert info.r == 4 and info.site == site and site == info.module_name + ".s"
+        assert info.r == 4 and info.site == site and site == "lora." + info.module_name + ".s"
 
 
 def test_r_larger_than_in_features_raises():

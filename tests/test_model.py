@@ -25,8 +25,8 @@ def _sample_sites(tr):
             if s["type"] == "sample" and not site_is_subsample(s) and not s["infer"].get("_deterministic")]
 
 
-EXPECTED_SITES = ["model.layers.0.self_attn.q_proj.s", "model.layers.0.self_attn.v_proj.s",
-                  "model.layers.1.self_attn.q_proj.s", "model.layers.1.self_attn.v_proj.s", "lm_head.s"]
+EXPECTED_SITES = ["lora.model.layers.0.self_attn.q_proj.s", "lora.model.layers.0.self_attn.v_proj.s",
+                  "lora.model.layers.1.self_attn.q_proj.s", "lora.model.layers.1.self_attn.v_proj.s", "lora.lm_head.s"]
 
 
 @pytest.mark.parametrize("scoring", ["letter", "choice"])
@@ -98,6 +98,33 @@ def test_param_store_holds_only_adapters(make_model, bayes):
     store_ids = {id(pyro.get_param_store()[n]) for n in names}
     assert store_ids == {id(p) for p in model.net.trainable_parameters()}
     assert not any("embed" in n or "mlp" in n for n in names)
+
+
+@pytest.mark.parametrize("bayes", [True, False], ids=["scalabl", "lora"])
+def test_a_second_model_under_the_same_name_trains_its_own_adapters(make_model, examples, bayes):
+    """A notebook cell run twice: bare ``pyro.module`` would keep the first model's tensors in the store, so SVI
+    would step those and the second model would never train. The model that runs owns its name."""
+    from pyro.infer import SVI, Trace_ELBO
+
+    from scalabl_pyro.guides import default_guide
+    from scalabl_pyro.train import empty_guide
+
+    first = make_model("letter", bayes=bayes, num_data=24)
+    batch = first.net.collate(examples[:4])
+    first(batch, batch["labels"])
+    first_state = [p.detach().clone() for p in first.net.trainable_parameters()]
+    second = make_model("letter", bayes=bayes, num_data=24)  # same name, no clear_param_store()
+    start = [p.detach().clone() for p in second.net.trainable_parameters()]
+    guide = default_guide(second) if bayes else empty_guide
+    svi = SVI(second, guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO(max_plate_nesting=1))
+    for _ in range(3):
+        svi.step(batch, batch["labels"])
+    assert all(not torch.equal(a, p.detach()) for a, p in zip(start, second.net.trainable_parameters()))
+    assert all(torch.equal(a, p.detach()) for a, p in zip(first_state, first.net.trainable_parameters()))
+    store = pyro.get_param_store()
+    assert {id(store[k]) for k in store.keys() if "$$$" in k} == {id(p) for p in second.net.trainable_parameters()}
+    first(batch, batch["labels"])  # running the first model again hands the name back to it
+    assert {id(store[k]) for k in store.keys() if "$$$" in k} == {id(p) for p in first.net.trainable_parameters()}
 
 
 @pytest.mark.parametrize("num_data, B", [(100, 4), (7, 7), (None, 5)])

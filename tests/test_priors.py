@@ -14,8 +14,8 @@ from scalabl_pyro.model import ScalaBL
 from scalabl_pyro.priors import (LayerScalePrior, centered_prior, isotropic_normal, laplace_prior,
                                  normalize_prior, student_t_prior)
 
-SITE = "model.layers.0.self_attn.q_proj.s"
-OTHER = "lm_head.s"
+SITE = "lora.model.layers.0.self_attn.q_proj.s"
+OTHER = "lora.lm_head.s"
 
 
 def _base(d):
@@ -103,8 +103,8 @@ def test_dict_with_non_distribution_value():
 
 def test_dict_prior_with_unknown_site(make_net):
     net = make_net("letter")
-    with pytest.raises(KeyError, match="model.layers.9.mlp.s"):
-        ScalaBL(net, prior={"model.layers.9.mlp.s": dist.Normal(0.0, 1.0)})
+    with pytest.raises(KeyError, match="lora.model.layers.9.mlp.s"):
+        ScalaBL(net, prior={"lora.model.layers.9.mlp.s": dist.Normal(0.0, 1.0)})
 
 
 def test_subspace_false_rejected(make_net):
