@@ -425,7 +425,9 @@ def main(argv=None) -> int:
         print(f"scalabl-pyro {args.command}: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; finished runs are kept (rerun to resume)", file=sys.stderr)
+        hint = ("the last checkpoint is kept: rerun with --resume to continue" if args.command == "train"
+                else "finished runs are kept: rerun to resume")
+        print(f"interrupted; {hint}", file=sys.stderr)
         return 130
 
 

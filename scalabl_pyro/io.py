@@ -7,6 +7,7 @@ A run directory holds
 * ``guide.safetensors`` — the guide's state (``guide.state_dict()``: its parameters, unconstrained, and
   buffers such as the Laplace posterior's covariance), exact round trip,
 * ``prior.safetensors`` — learned prior parameters (:class:`~scalabl_pyro.priors.LayerScalePrior`), if any,
+* ``extra.safetensors`` — model state outside peft's adapter format (PoLAR's ``theta``), if any,
 * ``run.json`` — the model class and name, adapter seed, :class:`~scalabl_pyro.config.ScalaBLConfig`
   (scoring included), the prior (by name and parameters), the guide (kind and options), the
   :class:`~scalabl_pyro.config.TrainConfig`, backbone, label words and site names.
@@ -39,7 +40,8 @@ from .scoring import AdaptedLM
 __all__ = ["save_run", "load_run", "export_peft", "RunExistsError"]
 
 _FORMAT = 2
-_SAVABLE = {("scalabl_pyro.model", "LoRAModel"), ("scalabl_pyro.model", "ScalaBL"), ("scalabl_pyro.methods", "BLoB")}
+_SAVABLE = {("scalabl_pyro.model", "LoRAModel"), ("scalabl_pyro.model", "ScalaBL"), ("scalabl_pyro.methods", "BLoB"),
+            ("scalabl_pyro.polar", "PolarVBLL")}
 
 
 class RunExistsError(FileExistsError):
@@ -49,10 +51,12 @@ class RunExistsError(FileExistsError):
 def _model_record(model) -> dict:
     cls = type(model)
     if (cls.__module__, cls.__name__) not in _SAVABLE:
-        raise ValueError(f"save_run saves the package's LoRAModel, ScalaBL and BLoB models, not {cls.__name__}")
+        raise ValueError(f"save_run saves the package's LoRAModel, ScalaBL, BLoB and PolarVBLL models, not "
+                         f"{cls.__name__}")
     sub = model.net.subspace
     return {"class": cls.__name__, "module": cls.__module__, "name": model.name,
-            "subspace": False if sub is None else ("A" if sub.latent == "A" else True)}
+            "subspace": False if sub is None else ("A" if sub.latent == "A" else True),
+            "options": model.run_options() if hasattr(model, "run_options") else {}}
 
 
 def _prior_params(model) -> dict[str, torch.Tensor]:
@@ -98,6 +102,9 @@ def save_run(path: str | os.PathLike, model, guide=None, *, train_config: TrainC
         prior_params = _prior_params(model)
         if prior_params:
             save_file(prior_params, str(tmp / "prior.safetensors"))
+        if hasattr(model, "extra_state"):  # e.g. PoLAR's theta, which peft's adapter file does not hold
+            save_file({k: v.detach().contiguous().clone() for k, v in model.extra_state().items()},
+                      str(tmp / "extra.safetensors"))
         run = {
             "format": _FORMAT,
             "model": record,
@@ -167,9 +174,13 @@ def load_run(path: str | os.PathLike, *, backbone=None, example_batch=None, devi
     config = ScalaBLConfig.from_dict(run["config"])
     net = AdaptedLM(lm, tok, label_words=run["label_words"], config=config, subspace=rec["subspace"],
                     seed=run["seed"])
-    kw = {} if not rec["subspace"] else {"prior": prior_from_spec(run["prior"], prior=prior)}
+    kw = dict(rec["options"]) if not rec["subspace"] else {"prior": prior_from_spec(run["prior"], prior=prior)}
     model = cls(net, name=name or _free_name(rec["name"]), **kw)
     _load_adapter(net.peft_model, path / "adapter" / "adapter_model.safetensors")
+    if hasattr(model, "load_extra_state"):
+        extra = load_file(str(path / "extra.safetensors"))
+        _check_names(model.extra_state(), extra, what="adapter state")
+        model.load_extra_state(extra)
     guide = None
     batch = example_batch if example_batch is not None else net.collate([_dummy_example(len(run["label_words"]))])
     if run["guide"]:

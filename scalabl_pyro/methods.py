@@ -39,7 +39,8 @@ from .priors import centered_prior
 from .scoring import AdaptedLM
 from .train import fit
 
-__all__ = ["METHODS", "BLoB", "Trained", "train_method", "laplace_guide", "lora_parameter_count",
+__all__ = ["METHODS", "BLoB", "Trained", "train_method", "save_trained", "load_trained", "laplace_guide",
+           "lora_parameter_count",
            "fit_bayesadapt_recipe"]
 
 METHODS = ("mle", "map", "scalabl", "blob", "laplace", "mcdropout", "ensemble", "scalabl_bayesadapt")
@@ -307,3 +308,67 @@ def train_method(method: str, backbone_fn: Callable[[], tuple], train_examples: 
     extra = trainable + guide_params - lp
     return Trained(method, [model], g, num_samples, res.losses, time.perf_counter() - t0, extra, lp)
 
+
+
+def save_trained(path, trained: Trained, *, train_config: TrainConfig | None = None, backbone: str = "smollm2",
+                 meta: dict | None = None, overwrite: bool = False):
+    """Save a trained method: one :func:`~scalabl_pyro.io.save_run` directory per model (``member0/``, ...; an
+    ensemble has several) and ``trained.json`` (method, posterior samples, losses, parameter counts).
+
+    Written beside ``path`` and moved into place, like a run. :func:`load_trained` reads it back.
+
+    Example::
+
+        save_trained("runs/obqa_ensemble", train_method("ensemble", ...), backbone="smollm2")
+    """
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from ._utils import atomic_write_json
+    from .io import RunExistsError, save_run
+
+    path = Path(path)
+    if (path / "trained.json").exists() and not overwrite:
+        raise RunExistsError(f"{path} already holds a trained method; pass overwrite=True or choose another directory")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-"))
+    try:
+        for k, model in enumerate(trained.models):
+            guide = trained.guide if k == 0 and model.latent_sites else None
+            save_run(tmp / f"member{k}", model, guide, train_config=train_config, backbone=backbone, meta=meta)
+        atomic_write_json(tmp / "trained.json", {
+            "method": trained.method, "members": len(trained.models), "num_samples": trained.num_samples,
+            "losses": list(trained.losses), "fit_seconds": trained.fit_seconds, "extra_params": trained.extra_params,
+            "lora_params": trained.lora_params, "meta": meta or {}})
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def load_trained(path, *, backbone_fn: Callable[[], tuple] | None = None, device=None) -> Trained:
+    """Rebuild the :class:`Trained` that :func:`save_trained` wrote; ``predict`` gives the same probabilities.
+
+    :param backbone_fn: returns a fresh ``(model, tokenizer)`` for each member (default: load each member's
+        recorded backbone).
+    """
+    import json
+    from pathlib import Path
+
+    from .io import load_run
+
+    path = Path(path)
+    if not (path / "trained.json").is_file():
+        raise FileNotFoundError(f"{path} holds no trained.json; write one with save_trained()")
+    info = json.loads((path / "trained.json").read_text(encoding="utf-8"))
+    models, guide = [], None
+    for k in range(info["members"]):
+        model, g, _ = load_run(path / f"member{k}", backbone=backbone_fn() if backbone_fn else None, device=device)
+        models.append(model)
+        guide = guide if k else g
+    return Trained(info["method"], models, guide, info["num_samples"], info["losses"], info["fit_seconds"],
+                   info["extra_params"], info["lora_params"])

@@ -99,6 +99,11 @@ class LoRAModel:
     def num_classes(self) -> int:
         return self.net.num_classes
 
+    def run_options(self) -> dict:
+        """Constructor options (besides ``net``, ``name`` and the prior) that :func:`~scalabl_pyro.io.save_run`
+        records; ``num_data`` is not one (it is given per call by :func:`~scalabl_pyro.train.fit`)."""
+        return {}
+
     def _likelihood(self, logits, labels, num_data):
         B = logits.shape[-2]
         if labels is not None and labels.shape != (B,):

@@ -192,6 +192,18 @@ class PolarVBLL(LoRAModel):
         self.bias = None if net.head.bias is None else net.head.bias.detach().float().clone()
         self.prior_loc = self.W0 if centered else torch.zeros_like(self.W0)
         self.prior_scale, self.centered, self.kl_weight = float(prior_scale), centered, kl_weight
+        self.seed = seed
+
+    def run_options(self) -> dict:
+        """Constructor options that :func:`~scalabl_pyro.io.save_run` records."""
+        return {"prior_scale": self.prior_scale, "centered": self.centered, "seed": self.seed}
+
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        """What peft's adapter file does not hold: every ``theta`` (and ``X``, ``Y``), for :func:`save_run`."""
+        return self.polar.state_dict()
+
+    def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.polar.load_state_dict(state)
 
     latent_sites = property(lambda self: [HEAD_SITE])  # the only latent site
     latent_dim = property(lambda self: self.W0.numel())  # C * H
@@ -237,8 +249,10 @@ class PolarVBLL(LoRAModel):
 
 def polar_guide(model: PolarVBLL, *, init_scale: float = 0.01) -> AutoNormal:
     """The default posterior: :class:`~pyro.infer.autoguide.AutoNormal` at ``W0`` with scale ``init_scale``."""
-    return AutoNormal(model, init_loc_fn=init_to_value(values=model.init_values(), fallback=init_to_median),
-                      init_scale=init_scale)
+    guide = AutoNormal(model, init_loc_fn=init_to_value(values=model.init_values(), fallback=init_to_median),
+                       init_scale=init_scale)
+    guide._pyro_name = f"AutoNormal_{model.name}"  # named after its model, as make_guide's guides are
+    return guide
 
 
 def train_polar_vbll(backbone_fn: Callable[[], tuple], train_examples: Sequence, *, label_words,

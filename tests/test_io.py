@@ -269,40 +269,56 @@ def test_custom_callable_prior_must_be_given_again(make_model, tmp_path):
     _assert_same_predictions(model, guide, model2, guide2, synthetic_examples(4))
 
 
-@pytest.mark.parametrize("method", ["mle", "map", "mcdropout", "scalabl", "blob", "laplace", "scalabl_bayesadapt"])
+@pytest.mark.parametrize("method", ["mle", "map", "mcdropout", "ensemble", "scalabl", "blob", "laplace",
+                                    "scalabl_bayesadapt"])
 def test_every_method_round_trips(tmp_path, method):
     from conftest import LABEL_WORDS
     from scalabl_pyro.config import ScalaBLConfig
-    from scalabl_pyro.methods import train_method
+    from scalabl_pyro.methods import METHODS, load_trained, save_trained, train_method
 
+    assert method in METHODS
     cfg = ScalaBLConfig(r=4, scoring="letter")
     tc = TrainConfig(steps=2, batch_size=4, lr=1e-2, guide_lr=5e-2, seed=1)
     t = train_method(method, tiny_llama, synthetic_examples(12), label_words=LABEL_WORDS, config=cfg,
-                     train_config=tc, progress=False)
-    model, guide = t.models[0], t.guide if t.models[0].latent_sites else None
-    path = save_run(tmp_path / "run", model, guide, train_config=tc, backbone="tiny")
-    pyro.clear_param_store()
-    model2, guide2, info = load_run(path, backbone=tiny_llama(), name="reloaded")
-    assert type(model2) is type(model) and model2.net.config == model.net.config
+                     train_config=tc, progress=False, ensemble_size=2)
+    path = save_trained(tmp_path / "trained", t, train_config=tc, backbone="tiny")
+    t2 = load_trained(path, backbone_fn=tiny_llama)
+    assert (t2.method, len(t2.models), t2.num_samples, t2.losses) == (method, len(t.models), t.num_samples, t.losses)
+    for m, m2 in zip(t.models, t2.models):
+        assert type(m2) is type(m) and m2.net.config == m.net.config
+        for (n1, p1), (n2, p2) in zip(m.net.peft_model.named_parameters(), m2.net.peft_model.named_parameters()):
+            assert n1 == n2 and torch.equal(p1, p2), n1
     if method == "laplace":
-        assert info["guide"]["kind"] == "laplace_posterior"
-        assert torch.equal(guide2.scale_tril, guide.scale_tril) and not torch.equal(
-            guide2.scale_tril, torch.eye(guide.scale_tril.shape[0]))
-    _assert_same_predictions(model, guide, model2, guide2, synthetic_examples(5))
+        assert json.loads((path / "member0" / "run.json").read_text())["guide"]["kind"] == "laplace_posterior"
+        assert torch.equal(t2.guide.scale_tril, t.guide.scale_tril) and not torch.equal(
+            t.guide.scale_tril, torch.eye(t.guide.scale_tril.shape[0]))
+    exs = synthetic_examples(5)
+    pyro.set_rng_seed(5)
+    want = t.predict(exs, num_samples=4).sample_probs
+    pyro.set_rng_seed(5)
+    got = t2.predict(exs, num_samples=4).sample_probs
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
-def test_polar_runs_are_refused_clearly(tmp_path):
-    from scalabl_pyro.polar import PolarVBLL
-    from scalabl_pyro.scoring import AdaptedLM
-    from scalabl_pyro.config import ScalaBLConfig
+def test_polar_vbll_round_trips(tmp_path):
     from conftest import LABEL_WORDS
+    from scalabl_pyro.config import ScalaBLConfig
+    from scalabl_pyro.polar import train_polar_vbll
 
-    lm, tok = tiny_llama()
-    model = PolarVBLL(AdaptedLM(lm, tok, label_words=LABEL_WORDS, config=ScalaBLConfig(r=4, target_modules=("q_proj", "v_proj")),
-                                 subspace=False))
-    with pytest.raises(ValueError, match="LoRAModel, ScalaBL and BLoB models, not PolarVBLL"):
-        save_run(tmp_path / "run", model, None, backbone="tiny")
-    assert not (tmp_path / "run").exists()
+    cfg = ScalaBLConfig(r=4, scoring="letter", target_modules=("q_proj", "v_proj"))
+    t = train_polar_vbll(tiny_llama, synthetic_examples(12), label_words=LABEL_WORDS, config=cfg, prior_scale=0.5,
+                         centered=False, train_config=TrainConfig(steps=3, batch_size=4, lr=5e-2, seed=2),
+                         progress=False)
+    model, guide = t.models[0], t.guide
+    assert any(float(layer.theta.abs().sum()) > 0 for layer in model.polar.values())  # theta has trained
+    path = save_run(tmp_path / "run", model, guide, backbone="tiny")
+    assert (path / "extra.safetensors").is_file()
+    model2, guide2, info = load_run(path, backbone=tiny_llama())
+    assert info["model"]["options"] == {"prior_scale": 0.5, "centered": False, "seed": 2}
+    assert model2.prior_scale == 0.5 and not model2.centered
+    for k, v in model.polar.state_dict().items():
+        assert torch.equal(model2.polar.state_dict()[k], v), k
+    _assert_same_predictions(model, guide, model2, guide2, synthetic_examples(5))
 
 
 # ------------------------------------------------------------------ export_peft loads with peft's own loaders
