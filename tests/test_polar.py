@@ -137,8 +137,8 @@ def test_trace_sites_shapes_and_param_store():
     svi.step(batch, batch["labels"])
     names = set(pyro.get_param_store().keys())
     polar = {f"polar$$${m}.{p}" for m in MODULES for p in ("X.weight", "Y.weight", "theta")}
-    assert names == polar | {"AutoNormal.locs.head.W", "AutoNormal.scales.head.W"}
-    torch.testing.assert_close(pyro.param("AutoNormal.locs.head.W").detach(), model.W0, atol=0.02, rtol=0)
+    assert names == polar | {"AutoNormal_polar.locs.head.W", "AutoNormal_polar.scales.head.W"}
+    torch.testing.assert_close(pyro.param("AutoNormal_polar.locs.head.W").detach(), model.W0, atol=0.02, rtol=0)
     for k, v in model.net.peft_model.named_parameters():
         if "lora" not in k:
             assert torch.equal(v, backbone[k]) and not v.requires_grad
