@@ -80,6 +80,11 @@ class Checkpoint:
         return list(self.meta["losses"])
 
     @property
+    def history(self) -> dict:
+        """The monitored posterior summaries (``monitor_steps``, ``kl``, ``scale``) so far."""
+        return dict(self.meta.get("history", {}))
+
+    @property
     def seconds(self) -> float:
         return float(self.meta["seconds"])
 
@@ -177,7 +182,7 @@ def _save_state(obj, path: Path) -> None:
 
 def save_checkpoint(checkpoint_dir, *, step: int, config: TrainConfig, fingerprint: dict, losses: list,
                     seconds: float, optim, generator: torch.Generator, order: torch.Tensor, pos: int,
-                    kl_weight: float | None = None) -> Path:
+                    kl_weight: float | None = None, history: dict | None = None) -> Path:
     """Write the checkpoint after ``step`` completed steps to ``checkpoint_dir/step-<step>`` atomically.
 
     Saves the whole param store, ``optim``'s state (a :class:`pyro.optim.PyroOptim`, incl. per-parameter LR
@@ -195,6 +200,7 @@ def save_checkpoint(checkpoint_dir, *, step: int, config: TrainConfig, fingerpri
     optim_state = {**getattr(optim, "_state_waiting_to_be_consumed", {}), **optim.get_state()}
     meta = {"format": FORMAT, "step": step, "steps": config.steps, "config": config.to_dict(),
             "fingerprint": fingerprint, "losses": [float(x) for x in losses], "seconds": float(seconds),
+            "history": history or {},
             "kl_weight": kl_weight, "pos": int(pos), "params": {k: list(v.shape) for k, v in params.items()},
             "constraints": constraints, "torch": torch.__version__, "pyro": pyro.__version__}
     state = {"optim": optim_state, "rng": rng_state(), "generator": generator.get_state(), "order": order.clone()}

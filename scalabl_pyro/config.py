@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -170,6 +171,29 @@ class TrainConfig(_JsonConfig):
     kl_anneal: float = 0.0
     seed: int = 0
     validate: bool = False
+
+    @classmethod
+    def from_epochs(cls, epochs: float, num_examples: int, **options) -> "TrainConfig":
+        """A config whose budget is ``epochs`` passes over ``num_examples`` questions: ``steps =
+        ceil(epochs * num_examples / batch_size)`` (at least 1).
+
+        Example::
+
+            TrainConfig.from_epochs(4, len(train), batch_size=8).steps   # 4 epochs of the training set
+        """
+        if "steps" in options:
+            raise ValueError("from_epochs computes steps from epochs; pass one of steps= and epochs, not both")
+        _check_range("epochs", epochs, 0, lo_open=True)
+        if not isinstance(num_examples, int) or isinstance(num_examples, bool) or num_examples < 1:
+            raise ValueError(f"num_examples={num_examples!r} must be a positive integer (the training set size)")
+        batch = options.get("batch_size", cls.batch_size)
+        if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+            raise ValueError(f"batch_size={batch!r} must be a positive integer")
+        return cls(steps=max(1, math.ceil(epochs * num_examples / batch - 1e-9)), **options)
+
+    def epochs(self, num_examples: int) -> float:
+        """How many passes over ``num_examples`` questions this budget makes (``steps * batch_size / N``)."""
+        return self.steps * self.batch_size / num_examples
 
     def __post_init__(self):
         if not isinstance(self.validate, bool):

@@ -168,6 +168,11 @@ class ScalaBL(LoRAModel):
         """Total number of latent coordinates (``r`` x number of adapted modules)."""
         return sum(v.s0.numel() for v in self.net.subspace.sites.values())
 
+    def log_prior(self, values: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """``log p(s)`` summed over all latent sites, for ``values = {site: (*event)}`` (e.g. a guide draw)."""
+        sites = self.net.subspace.sites
+        return sum(self.prior(k, sites[k].layer, sites[k].event_shape).log_prob(v).sum() for k, v in values.items())
+
     def prior_param_names(self) -> list[str]:
         """Param-store names of the prior's learned parameters (e.g. :class:`~scalabl_pyro.priors.LayerScalePrior`'s)."""
         with poutine.trace(param_only=True) as tr:

@@ -194,6 +194,11 @@ class PolarVBLL(LoRAModel):
         self.prior_scale, self.centered, self.kl_weight = float(prior_scale), centered, kl_weight
         self.seed = seed
 
+    def log_prior(self, values) -> torch.Tensor:
+        """``log p(W)`` of the head, for ``values = {"head.W": (C, H)}``."""
+        W = values[HEAD_SITE]
+        return dist.Normal(self.prior_loc.to(W), self.prior_scale).to_event(2).log_prob(W).sum()
+
     def run_options(self) -> dict:
         """Constructor options that :func:`~scalabl_pyro.io.save_run` records."""
         return {"prior_scale": self.prior_scale, "centered": self.centered, "seed": self.seed}

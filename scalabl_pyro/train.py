@@ -20,6 +20,7 @@ from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
 
 from . import checkpoint as ckpt
 from .config import TrainConfig
+from .convergence import check_convergence, posterior_summary
 from .guides import check_fresh_guide
 
 __all__ = ["make_optimizer", "make_elbo", "lr_lambda", "fit", "FitResult", "empty_guide"]
@@ -94,6 +95,9 @@ class FitResult:
     seconds: float = 0.0  # training wall time, summed over the calls of a resumed run
     steps: int = 0
     resumed_from: int | None = None  # the checkpoint step this call resumed from (None: started at step 0)
+    monitor_steps: list[int] = field(default_factory=list)  # steps (0-based) after which kl and scale were taken
+    kl: list[float] = field(default_factory=list)  # KL(q || p) per training example (the ELBO's KL term), MC
+    scale: list[float] = field(default_factory=list)  # median posterior std over all latent coordinates
 
 
 def _lora_dropout(model) -> list[torch.nn.Module]:
@@ -109,7 +113,8 @@ def _lora_dropout(model) -> list[torch.nn.Module]:
 
 def fit(model, guide, examples: Sequence, *, config: TrainConfig = TrainConfig(), progress: bool = True,
         callback: Callable[[int, float], None] | None = None, checkpoint_dir: str | os.PathLike | None = None,
-        checkpoint_every: int | None = None) -> FitResult:
+        checkpoint_every: int | None = None, monitor_every: int | None = None,
+        warn_unconverged: bool = True) -> FitResult:
     """Train ``model``/``guide`` on ``examples`` with ``SVI`` for ``config.steps`` minibatch steps.
 
     :param guide: an autoguide (ScalaBL), or ``None`` for a model without latent sites (MLE/MAP).
@@ -127,8 +132,13 @@ def fit(model, guide, examples: Sequence, *, config: TrainConfig = TrainConfig()
         one is also written after the last step. Each is written after that step's ``callback``; an
         exception (from the callback, or a non-finite ELBO) ends the call with the previous checkpoint in
         place. Needs ``checkpoint_dir``.
+    :param monitor_every: with a guide, record the KL term and the median posterior std (:mod:`scalabl_pyro.
+        convergence`) after the first step and every ``monitor_every`` steps (default ``max(1, steps // 100)``;
+        16 guide draws each, under a forked RNG: the trajectory does not change).
+    :param warn_unconverged: at the end, warn (:class:`~scalabl_pyro.convergence.ConvergenceWarning`, naming the
+        fix) when the posterior scales ended within 1.5x of their start or the KL term is still moving.
     :returns: :class:`FitResult` with the per-step losses divided by the data set size (from step 0, also
-        when resumed).
+        when resumed), and the monitored ``kl`` / ``scale`` at ``monitor_steps``.
 
     Example::
 
@@ -139,6 +149,11 @@ def fit(model, guide, examples: Sequence, *, config: TrainConfig = TrainConfig()
     if n == 0:
         raise ValueError("fit() got no training examples")
     every = ckpt.resolve_every(checkpoint_dir, checkpoint_every, config.steps)
+    if monitor_every is not None and (not isinstance(monitor_every, int) or isinstance(monitor_every, bool)
+                                      or monitor_every < 1):
+        raise ValueError(f"monitor_every={monitor_every!r} must be a positive integer (steps between summaries)")
+    monitor = monitor_every or max(1, config.steps // 100)
+    watched = guide is not None and bool(getattr(model, "latent_sites", ()))
     if guide is not None:
         check_fresh_guide(guide)
     saved = fp = None
@@ -167,6 +182,8 @@ def fit(model, guide, examples: Sequence, *, config: TrainConfig = TrainConfig()
         batch = model.net.collate([examples[i] for i in range(min(n, config.batch_size))])
         ckpt.restore_params(saved, model, guide, batch, num_data=n)
         start, result.losses, result.resumed_from = saved.step, saved.losses, saved.step
+        hist = saved.history
+        result.monitor_steps, result.kl, result.scale = (list(hist.get(k, [])) for k in ("monitor_steps", "kl", "scale"))
         if start >= config.steps:
             logger.info("fit: %s holds a finished run (%d steps): parameters loaded, nothing to train",
                         saved.path, start)
@@ -212,13 +229,20 @@ def fit(model, guide, examples: Sequence, *, config: TrainConfig = TrainConfig()
                 running = loss if running is None else 0.9 * running + 0.1 * loss
                 if progress:
                     bar.set_postfix(loss=f"{running:.4f}")
+                if watched and (step == 0 or (step + 1) % monitor == 0 or step + 1 == config.steps):
+                    kl, scale = posterior_summary(model, guide, batch, num_data=n, seed=config.seed)  # same noise each time
+                    result.monitor_steps.append(step)
+                    result.kl.append(kl)
+                    result.scale.append(scale)
                 if callback is not None:
                     callback(step, loss)
                 if every is not None and ((step + 1) % every == 0 or step + 1 == config.steps):
                     ckpt.save_checkpoint(checkpoint_dir, step=step + 1, config=config, fingerprint=fp,
                                          losses=result.losses, seconds=seconds0 + time.perf_counter() - t0,
                                          optim=optim, generator=gen, order=order, pos=pos,
-                                         kl_weight=getattr(model, "kl_weight", None))
+                                         kl_weight=getattr(model, "kl_weight", None),
+                                         history={"monitor_steps": result.monitor_steps, "kl": result.kl,
+                                                  "scale": result.scale})
     finally:
         for m, mode in zip(dropout, modes):
             m.train(mode)
@@ -226,4 +250,7 @@ def fit(model, guide, examples: Sequence, *, config: TrainConfig = TrainConfig()
             model.kl_weight = 1.0
     result.seconds = seconds0 + time.perf_counter() - t0
     result.steps = config.steps
+    if watched and warn_unconverged:
+        tail = result.losses[-max(1, len(result.losses) // 5):]
+        check_convergence(result.scale, result.kl, loss=sum(tail) / len(tail))
     return result

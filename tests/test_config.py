@@ -113,3 +113,24 @@ def test_configs_are_frozen():
     cfg = ScalaBLConfig()
     with pytest.raises(Exception):
         cfg.r = 2  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("epochs, n, batch, steps", [(1, 100, 8, 13), (2, 100, 8, 25), (0.5, 100, 8, 7), (4, 500, 8, 250),
+                                                    (31, 640, 4, 4960), (0.001, 10, 8, 1), (3, 16, 16, 3)])
+def test_epoch_budgets_give_the_right_step_counts(epochs, n, batch, steps):
+    from scalabl_pyro.config import TrainConfig
+
+    tc = TrainConfig.from_epochs(epochs, n, batch_size=batch, lr=2e-3)
+    assert tc.steps == steps and tc.batch_size == batch and tc.lr == 2e-3
+    assert tc.epochs(n) >= epochs and (tc.steps - 1) * batch / n < epochs or tc.steps == 1
+
+
+def test_epoch_budget_errors():
+    from scalabl_pyro.config import TrainConfig
+
+    with pytest.raises(ValueError, match="epochs=0 must be > 0"):
+        TrainConfig.from_epochs(0, 100)
+    with pytest.raises(ValueError, match="num_examples=0 must be a positive integer"):
+        TrainConfig.from_epochs(1, 0)
+    with pytest.raises(ValueError, match="pass one of steps= and epochs"):
+        TrainConfig.from_epochs(1, 100, steps=5)

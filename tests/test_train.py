@@ -327,3 +327,61 @@ def test_lora_dropout_is_on_while_training_and_off_after(make_model, examples):
     batch = model.net.collate(examples[:4])
     with torch.no_grad():
         assert torch.equal(model.net.logits(batch), model.net.logits(batch))
+
+
+# ------------------------------------------------------------------------------------- convergence
+def test_fit_records_kl_and_scale_and_warns_when_the_guide_cannot_move(make_model, examples):
+    import warnings
+
+    from scalabl_pyro.convergence import ConvergenceWarning
+    from scalabl_pyro.guides import default_guide
+
+    model = make_model("letter", num_data=24)
+    with pytest.warns(ConvergenceWarning, match=r"within 1.5x of where they started.*guide_lr"):
+        res = fit(model, default_guide(model), examples, config=TrainConfig(steps=30, guide_lr=1e-5),
+                  progress=False, monitor_every=3)
+    assert res.monitor_steps == [0, 2, 5, 8, 11, 14, 17, 20, 23, 26, 29]
+    assert len(res.kl) == len(res.scale) == len(res.monitor_steps)
+    assert all(abs(s - 0.05) < 0.01 for s in res.scale)  # stuck at AutoNormal's init_scale 0.05
+    assert all(math.isfinite(k) and k > 0 for k in res.kl)
+
+
+def test_fit_is_silent_on_a_converged_fit_and_monitoring_leaves_the_trajectory_alone(make_model, examples):
+    import warnings
+
+    from scalabl_pyro.guides import default_guide
+
+    def run(monitor_every):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        model = make_model("letter", num_data=24)
+        guide = default_guide(model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)
+            res = fit(model, guide, examples, config=TrainConfig(steps=300, guide_lr=0.1, lr=1e-2), progress=False,
+                      monitor_every=monitor_every)
+        return res, {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
+
+    res, params = run(10)
+    assert res.scale[-1] > 4 * res.scale[0]  # the posterior widened from 0.05 towards its optimum
+    res2, params2 = run(299)  # other monitoring points: the same training
+    assert res2.losses == res.losses and all(torch.equal(params[k], params2[k]) for k in params)
+
+
+def test_check_convergence_on_hand_made_histories():
+    import warnings
+
+    from scalabl_pyro.convergence import ConvergenceWarning, check_convergence
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert check_convergence([0.05, 0.2, 0.5, 0.9, 1.0, 1.0], [5, 3, 2, 2, 2, 2]) == []
+        assert check_convergence([0.05, 0.06], [1.0, 2.0]) == []  # too few points to judge
+    with pytest.warns(ConvergenceWarning, match="KL term still changed by 50%"):
+        msgs = check_convergence([0.05, 0.2, 0.5, 0.9, 1.0, 1.1, 1.2, 1.3, 1.4, 1.5], [9, 8, 7, 6, 5, 4, 4, 4, 2, 2])
+    assert len(msgs) == 1
+
+
+def test_monitor_every_must_be_positive(make_model, examples):
+    with pytest.raises(ValueError, match="monitor_every=0 must be a positive integer"):
+        fit(make_model("letter"), None, examples, progress=False, monitor_every=0)
