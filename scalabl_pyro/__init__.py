@@ -15,9 +15,11 @@ Example::
     guide = default_guide(model)
 """
 from .backbones import DEFAULT_BACKBONE, char_tokenizer, load_backbone, tiny_llama
+from .baselines import apply_temperature, calibrate, fit_temperature
 from .config import ScalaBLConfig, TrainConfig
 from .data import Example, TaskData, available_datasets, load_task
 from .checkpoint import CheckpointMismatchError
+from .convergence import ConvergenceWarning
 from .guides import GUIDES, check_fresh_guide, default_guide, guide_spec, init_to_s0, laplace_posterior, make_guide
 from .io import RunExistsError, export_peft, load_run, save_run
 from .layers import SITE_PREFIX, Subspace, add_lora, site_name
@@ -41,13 +43,13 @@ from .userdata import load_user_task, task_from_records
 __version__ = "0.2.0"
 
 __all__ = [
-    "AdaptedLM", "CheckpointMismatchError", "DEFAULT_BACKBONE", "Example", "FitResult", "GUIDES", "LayerScalePrior",
+    "AdaptedLM", "CheckpointMismatchError", "ConvergenceWarning", "DEFAULT_BACKBONE", "Example", "FitResult", "GUIDES", "LayerScalePrior",
     "LoRAModel", "ParamStoreConflictError", "Prediction", "RunExistsError", "SITE_PREFIX", "ScalaBL", "ScalaBLConfig",
-    "Subspace", "TaskData", "TrainConfig", "add_lora", "available_datasets", "centered_prior", "char_tokenizer",
-    "check_fresh_guide", "classification_metrics", "count_parameters", "country_task", "default_guide", "empty_guide",
-    "export_peft", "fit", "format_table", "guide_spec", "init_to_s0", "isotropic_normal", "laplace_posterior",
-    "laplace_prior", "load_backbone", "load_run", "load_task", "load_user_task", "make_elbo", "make_guide",
-    "make_optimizer", "normalize_prior", "ood_auroc", "paired_bootstrap", "predict", "prior_from_spec",
-    "prior_to_spec", "register_adapters", "reliability_diagram", "save_run", "site_name", "student_t_prior",
-    "task_from_records", "tiny_llama", "uncertainty_decomposition",
+    "Subspace", "TaskData", "TrainConfig", "add_lora", "apply_temperature", "available_datasets", "calibrate",
+    "centered_prior", "char_tokenizer", "check_fresh_guide", "classification_metrics", "count_parameters",
+    "country_task", "default_guide", "empty_guide", "export_peft", "fit", "fit_temperature", "format_table",
+    "guide_spec", "init_to_s0", "isotropic_normal", "laplace_posterior", "laplace_prior", "load_backbone", "load_run",
+    "load_task", "load_user_task", "make_elbo", "make_guide", "make_optimizer", "normalize_prior", "ood_auroc",
+    "paired_bootstrap", "predict", "prior_from_spec", "prior_to_spec", "register_adapters", "reliability_diagram",
+    "save_run", "site_name", "student_t_prior", "task_from_records", "tiny_llama", "uncertainty_decomposition",
 ]
