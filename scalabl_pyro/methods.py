@@ -13,6 +13,8 @@ whose :meth:`Trained.predict` gives a :class:`~scalabl_pyro.predictive.Predictio
 ``scalabl_bayesadapt``  the same ScalaBL model and AutoNormal guide trained with the official code's
                recipe instead of the ELBO (for comparison): AdamW on the NLL of one sample, then a
                separate SGD step on the analytic KL(p || q) with BLoB's KL schedule
+``temperature``  plain LoRA on 90% of the training data, then one temperature fitted by NLL on the other
+               10% (:mod:`scalabl_pyro.baselines.temperature`); never on the test split
 =============  ==============================================================================
 
 Each method gets its own freshly loaded backbone from ``backbone_fn``.
@@ -32,6 +34,7 @@ from pyro import poutine
 from pyro.infer.autoguide import AutoLaplaceApproximation, AutoMultivariateNormal
 
 from .config import ScalaBLConfig, TrainConfig
+from .baselines.temperature import TemperatureScaled, fit_temperature
 from .guides import init_to_s0, laplace_posterior, make_guide
 from .model import LoRAModel, ScalaBL
 from .predictive import Prediction, predict
@@ -39,11 +42,12 @@ from .priors import centered_prior
 from .scoring import AdaptedLM
 from .train import fit
 
-__all__ = ["METHODS", "BLoB", "Trained", "train_method", "save_trained", "load_trained", "laplace_guide",
+__all__ = ["METHODS", "BLoB", "Trained", "train_method", "save_trained", "load_trained", "validation_split",
+           "laplace_guide",
            "lora_parameter_count",
            "fit_bayesadapt_recipe"]
 
-METHODS = ("mle", "map", "scalabl", "blob", "laplace", "mcdropout", "ensemble", "scalabl_bayesadapt")
+METHODS = ("mle", "map", "scalabl", "blob", "laplace", "mcdropout", "ensemble", "scalabl_bayesadapt", "temperature")
 
 
 class BLoB(ScalaBL):
@@ -78,6 +82,7 @@ class Trained:
     fit_seconds: float = 0.0
     extra_params: int = 0
     lora_params: int = 0
+    temperature: float | None = None  # ``temperature``: T fitted on the validation part of the training data
 
     def predict(self, examples: Sequence, *, num_samples: int | None = None, batch_size: int = 8,
                 progress: bool = False) -> Prediction:
@@ -88,7 +93,25 @@ class Trained:
             preds = [predict(m, None, examples, batch_size=batch_size) for m in self.models]
             return Prediction(torch.cat([p.sample_probs for p in preds]), preds[0].labels, preds[0].ids)
         guide = self.guide if self.models[0].latent_sites else None
-        return predict(self.models[0], guide, examples, num_samples=S, batch_size=batch_size, progress=progress)
+        pred = predict(self.models[0], guide, examples, num_samples=S, batch_size=batch_size, progress=progress)
+        return pred if self.temperature is None else TemperatureScaled.from_prediction(pred, self.temperature)
+
+
+def validation_split(examples: Sequence, *, fraction: float = 0.1, seed: int = 0) -> tuple[list, list]:
+    """``(fit, validation)``: a seeded random ``fraction`` of ``examples`` held out (at least one of each).
+
+    Example::
+
+        fit_part, val_part = validation_split(train.examples, fraction=0.1, seed=0)
+    """
+    n = len(examples)
+    if not 0 < fraction < 1:
+        raise ValueError(f"fraction={fraction!r} must be between 0 and 1 (the held-out share, e.g. 0.1)")
+    if n < 2:
+        raise ValueError(f"{n} training examples cannot be split into a fitting and a validation part; need >= 2")
+    k = min(n - 1, max(1, round(fraction * n)))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return [examples[i] for i in order[k:]], [examples[i] for i in order[:k]]
 
 
 def _predict_mc_dropout(net: AdaptedLM, examples, S: int, batch_size: int) -> Prediction:
@@ -232,13 +255,15 @@ def train_method(method: str, backbone_fn: Callable[[], tuple], train_examples: 
                  config: ScalaBLConfig = ScalaBLConfig(), train_config: TrainConfig = TrainConfig(),
                  guide: str = "normal", prior=None, num_samples: int = 10, ensemble_size: int = 3,
                  dropout: float = 0.1, map_weight_decay: float = 1e-2, progress: bool = True,
-                 checkpoint_dir=None, checkpoint_every: int | None = None) -> Trained:
+                 checkpoint_dir=None, checkpoint_every: int | None = None, val_fraction: float = 0.1) -> Trained:
     """Build and train ``method`` on ``train_examples``.
 
     :param backbone_fn: returns a fresh ``(model, tokenizer)`` (e.g. ``lambda: load_backbone("smollm2")``).
     :param guide: autoguide name for ``scalabl``/``blob`` (see :data:`~scalabl_pyro.guides.GUIDES`).
     :param prior: any prior form of :func:`~scalabl_pyro.priors.normalize_prior` (default ``Normal(0, 1)``), or
         a name from :data:`PRIORS`: ``"s0"`` is :func:`~scalabl_pyro.priors.centered_prior` at the net's ``s0``.
+    :param val_fraction: ``temperature``: the share of ``train_examples`` held out (seeded by
+        ``train_config.seed``) to fit ``T`` on; plain LoRA trains on the rest. The test split is never used.
     :param checkpoint_dir: checkpoint :func:`~scalabl_pyro.train.fit` there and resume from it (an ensemble
         member ``k`` in ``member<k>/``); not for ``scalabl_bayesadapt``, which has its own loop.
 
@@ -271,6 +296,14 @@ def train_method(method: str, backbone_fn: Callable[[], tuple], train_examples: 
         net.peft_model.eval()
         lp = lora_parameter_count(net)
         return Trained(method, [model], None, num_samples, res.losses, time.perf_counter() - t0, 0, lp)
+    if method == "temperature":
+        fit_part, val_part = validation_split(train_examples, fraction=val_fraction, seed=train_config.seed)
+        model = LoRAModel(net_of(False), num_data=len(fit_part))
+        res = fit(model, None, fit_part, config=train_config, progress=progress, **ck)
+        val = predict(model, None, val_part, batch_size=8)
+        T = fit_temperature(val.mean_probs, val.labels)
+        lp = lora_parameter_count(model.net)
+        return Trained(method, [model], None, 1, res.losses, time.perf_counter() - t0, 1, lp, temperature=T)
     if method == "ensemble":
         models, losses = [], []
         for k in range(ensemble_size):
@@ -340,7 +373,7 @@ def save_trained(path, trained: Trained, *, train_config: TrainConfig | None = N
         atomic_write_json(tmp / "trained.json", {
             "method": trained.method, "members": len(trained.models), "num_samples": trained.num_samples,
             "losses": list(trained.losses), "fit_seconds": trained.fit_seconds, "extra_params": trained.extra_params,
-            "lora_params": trained.lora_params, "meta": meta or {}})
+            "lora_params": trained.lora_params, "temperature": trained.temperature, "meta": meta or {}})
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
@@ -371,4 +404,4 @@ def load_trained(path, *, backbone_fn: Callable[[], tuple] | None = None, device
         models.append(model)
         guide = guide if k else g
     return Trained(info["method"], models, guide, info["num_samples"], info["losses"], info["fit_seconds"],
-                   info["extra_params"], info["lora_params"])
+                   info["extra_params"], info["lora_params"], info.get("temperature"))

@@ -270,7 +270,7 @@ def test_custom_callable_prior_must_be_given_again(make_model, tmp_path):
 
 
 @pytest.mark.parametrize("method", ["mle", "map", "mcdropout", "ensemble", "scalabl", "blob", "laplace",
-                                    "scalabl_bayesadapt"])
+                                    "scalabl_bayesadapt", "temperature"])
 def test_every_method_round_trips(tmp_path, method):
     from conftest import LABEL_WORDS
     from scalabl_pyro.config import ScalaBLConfig
@@ -284,6 +284,7 @@ def test_every_method_round_trips(tmp_path, method):
     path = save_trained(tmp_path / "trained", t, train_config=tc, backbone="tiny")
     t2 = load_trained(path, backbone_fn=tiny_llama)
     assert (t2.method, len(t2.models), t2.num_samples, t2.losses) == (method, len(t.models), t.num_samples, t.losses)
+    assert t2.temperature == t.temperature and (t.temperature is not None) == (method == "temperature")
     for m, m2 in zip(t.models, t2.models):
         assert type(m2) is type(m) and m2.net.config == m.net.config
         for (n1, p1), (n2, p2) in zip(m.net.peft_model.named_parameters(), m2.net.peft_model.named_parameters()):

@@ -21,7 +21,7 @@ def test_method_trains_and_predicts(method, scoring, data):
                      config=ScalaBLConfig(r=4, scoring=scoring), train_config=TrainConfig(steps=3, batch_size=4),
                      num_samples=4, ensemble_size=2, progress=False)
     pred = t.predict(test)
-    S = {"mle": 1, "map": 1, "ensemble": 2}.get(method, 4)
+    S = {"mle": 1, "map": 1, "ensemble": 2, "temperature": 1}.get(method, 4)
     assert pred.sample_probs.shape == (S, 6, 4)
     torch.testing.assert_close(pred.sample_probs.sum(-1), torch.ones(S, 6))
     m = pred.metrics()
@@ -30,7 +30,8 @@ def test_method_trains_and_predicts(method, scoring, data):
     lp = lora_parameter_count(t.models[0].net)
     assert t.lora_params == lp
     n_sites = 5  # q_proj, v_proj in 2 layers + lm_head
-    expected_extra = {"scalabl": 2 * 4 * n_sites, "mle": 0, "map": 0, "mcdropout": 0, "ensemble": lp}
+    expected_extra = {"scalabl": 2 * 4 * n_sites, "mle": 0, "map": 0, "mcdropout": 0, "ensemble": lp,
+                      "temperature": 1}
     if method in expected_extra:
         assert t.extra_params == expected_extra[method]
     if method == "blob":  # mean replaces A, std is extra: r*in per module
@@ -67,3 +68,42 @@ def test_laplace_covariance_is_positive_definite(data):
     assert torch.linalg.eigvalsh(cov).min() > 0
     # Prior precision alone would give variance 1 (Normal(0, 1)); data can only shrink it.
     assert (cov.diagonal() <= 1.0 + 1e-4).all()
+
+
+def test_temperature_method_fits_T_on_held_out_training_data(monkeypatch):
+    import scalabl_pyro.methods as methods
+    from conftest import LABEL_WORDS, synthetic_examples
+    from scalabl_pyro.baselines.temperature import fit_temperature
+    from scalabl_pyro.config import ScalaBLConfig, TrainConfig
+    from scalabl_pyro.predictive import predict
+
+    exs = synthetic_examples(20)
+    seen = {}
+    original = methods.fit
+
+    def spy(model, guide, examples, **kw):
+        seen["fit_ids"] = [ex.id for ex in examples]
+        return original(model, guide, examples, **kw)
+
+    monkeypatch.setattr(methods, "fit", spy)
+    tc = TrainConfig(steps=4, batch_size=4, lr=5e-2, seed=3)
+    t = methods.train_method("temperature", tiny_llama, exs, label_words=LABEL_WORDS,
+                             config=ScalaBLConfig(r=4, scoring="letter"), train_config=tc, progress=False)
+    fit_part, val_part = methods.validation_split(exs, fraction=0.1, seed=3)
+    assert seen["fit_ids"] == [ex.id for ex in fit_part] and len(val_part) == 2  # never trained on val
+    assert not set(seen["fit_ids"]) & {ex.id for ex in val_part}
+    val = predict(t.models[0], None, val_part)
+    assert t.temperature == fit_temperature(val.mean_probs, val.labels)
+    pred, raw = t.predict(exs[:6]), predict(t.models[0], None, exs[:6])
+    assert pred.temperature == t.temperature and torch.equal(pred.mean_probs.argmax(-1), raw.mean_probs.argmax(-1))
+
+
+def test_validation_split_errors():
+    from scalabl_pyro.methods import validation_split
+
+    with pytest.raises(ValueError, match="fraction=1.5 must be between 0 and 1"):
+        validation_split(list(range(10)), fraction=1.5)
+    with pytest.raises(ValueError, match="1 training examples cannot be split"):
+        validation_split([0], fraction=0.1)
+    a, b = validation_split(list(range(10)), fraction=0.3, seed=1)
+    assert len(a) == 7 and len(b) == 3 and sorted(a + b) == list(range(10))
