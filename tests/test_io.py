@@ -311,7 +311,7 @@ def test_polar_vbll_round_trips(tmp_path):
                          centered=False, train_config=TrainConfig(steps=3, batch_size=4, lr=5e-2, seed=2),
                          progress=False)
     model, guide = t.models[0], t.guide
-    assert any(float(layer.theta.abs().sum()) > 0 for layer in model.polar.values())  # theta has trained
+    assert any(float(layer.theta.detach().abs().sum()) > 0 for layer in model.polar.values())  # theta has trained
     path = save_run(tmp_path / "run", model, guide, backbone="tiny")
     assert (path / "extra.safetensors").is_file()
     model2, guide2, info = load_run(path, backbone=tiny_llama())
