@@ -29,6 +29,7 @@ from .metrics import (
     ood_auroc,
     paired_bootstrap,
     reliability_diagram,
+    reliability_panels,
     uncertainty_decomposition,
 )
 from .model import LoRAModel, ParamStoreConflictError, ScalaBL, count_parameters, register_adapters
@@ -50,6 +51,6 @@ __all__ = [
     "country_task", "default_guide", "empty_guide", "export_peft", "fit", "fit_temperature", "format_table",
     "guide_spec", "init_to_s0", "isotropic_normal", "laplace_posterior", "laplace_prior", "load_backbone", "load_run",
     "load_task", "load_user_task", "make_elbo", "make_guide", "make_optimizer", "normalize_prior", "ood_auroc",
-    "paired_bootstrap", "predict", "prior_from_spec", "prior_to_spec", "register_adapters", "reliability_diagram",
+    "paired_bootstrap", "predict", "prior_from_spec", "prior_to_spec", "register_adapters", "reliability_diagram", "reliability_panels",
     "save_run", "site_name", "student_t_prior", "task_from_records", "tiny_llama", "uncertainty_decomposition",
 ]

@@ -28,7 +28,8 @@ from .backbones import load_backbone, resolve_device, tiny_llama
 from .config import ScalaBLConfig, TrainConfig, _JsonConfig
 from .data import TaskData, load_task
 from .methods import METHODS, PRIORS, resolve_prior, train_method
-from .metrics import ece_accuracy_plot, format_table, ood_auroc, paired_bootstrap, reliability_diagram
+from .metrics import (ece_accuracy_plot, format_table, ood_auroc, paired_bootstrap, reliability_diagram,
+                      reliability_panels)
 from .tasks import country_task
 
 __all__ = ["GridConfig", "resolve_task", "run_dir", "run_one", "run_grid", "report_grid", "summarize", "demo",
@@ -474,9 +475,10 @@ def demo(out_dir, *, grid: GridConfig | None = None, progress: bool = True, over
     dataset, seed = grid.datasets[0], grid.seeds[0]
     saved = {(m, k): load_file(str(run_dir(out_dir, dataset, m, k) / "predictions.safetensors"))
              for m in grid.methods for k in grid.seeds}
-    probs = {m: saved[m, seed][f"{dataset}.mean_probs"] for m in grid.methods}
-    reliability_diagram(probs, saved[grid.methods[0], seed][f"{dataset}.labels"], out_dir / "reliability.png",
-                        title=f"{dataset} test: reliability")
+    evals = (dataset, *grid.ood.get(dataset, []))
+    reliability_panels({ev: {m: (saved[m, seed][f"{ev}.mean_probs"], saved[m, seed][f"{ev}.labels"])
+                             for m in grid.methods} for ev in evals},
+                       out_dir / "reliability.png", title=f"reliability on the test questions (seed {seed})")
     if len(grid.methods) == 2:  # the paired difference of the two methods, with its noise on these questions
         a, b = grid.methods[1], grid.methods[0]
         diffs = []

@@ -21,7 +21,7 @@ from torchmetrics.functional.classification import binary_auroc, multiclass_cali
 from ._utils import atomic_path
 
 __all__ = ["classification_metrics", "paired_bootstrap", "calibration_bins", "uncertainty_decomposition", "ood_auroc",
-           "reliability_diagram", "ece_accuracy_plot", "format_table"]
+           "reliability_diagram", "reliability_panels", "ece_accuracy_plot", "format_table"]
 
 
 def _check(probs: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -253,6 +253,74 @@ def reliability_diagram(probs: Tensor | Mapping[str, Tensor], labels: Tensor, pa
     hx.set(xlabel="confidence (max probability)", ylabel="count")
     fig.tight_layout()
     return _save(fig, path)
+
+
+def reliability_panels(panels: Mapping[str, Mapping[str, tuple[Tensor, Tensor]]], path: str | os.PathLike, *,
+                       n_bins: int = 15, title: str | None = None) -> dict:
+    """Reliability diagrams as bars, one panel per (method, evaluation set), each over its count histogram.
+
+    Columns are evaluation sets (e.g. in distribution and shifted, side by side), rows are methods. A panel
+    shows the accuracy of each non-empty confidence bin as a bar, the gap to the diagonal shaded (red above
+    the bar: over-confident; hatched green inside it: under-confident), the ECE in its title, and below it how many predictions fall in each bin (log
+    scale: with a confident model most sit in the top bins, and nearly empty bins say little).
+
+    :param panels: ``{eval_name: {method: (probs (N, C), labels (N,))}}``.
+    :param path: output ``.png`` (written atomically).
+    :returns: ``{(eval_name, method): calibration_bins(...) + {"ece": float}}``, what each panel shows.
+
+    Example::
+
+        reliability_panels({"countries": {"LoRA": (p1, y)}, "shifted": {"LoRA": (p2, y2)}}, y, "reliability.png")
+    """
+    evals = list(panels)
+    if not evals or not all(panels[e] for e in evals):
+        raise ValueError("panels must map each evaluation set to a non-empty {method: (probs, labels)} dict")
+    methods = list(dict.fromkeys(m for e in evals for m in panels[e]))
+    R, E = len(methods), len(evals)
+    fig = Figure(figsize=(4.2 * E, 4.1 * R + 0.5), layout="constrained")
+    outer = fig.add_gridspec(R, E)
+    edges = torch.linspace(0, 1, n_bins + 1).numpy()
+    centers, width = (edges[:-1] + edges[1:]) / 2, 1.0 / n_bins
+    shown = {}
+    for j, ev in enumerate(evals):
+        for i, m in enumerate(methods):
+            cell = outer[i, j].subgridspec(2, 1, height_ratios=[3, 1], hspace=0.05)
+            ax = fig.add_subplot(cell[0])
+            hx = fig.add_subplot(cell[1], sharex=ax)
+            if m not in panels[ev]:
+                ax.set_axis_off(), hx.set_axis_off()
+                continue
+            p, y = panels[ev][m]
+            b = calibration_bins(p, y, n_bins=n_bins)
+            ece = classification_metrics(p, y, n_bins=n_bins)["ece"]
+            shown[ev, m] = {**b, "ece": ece}
+            occ = (b["count"] > 0).numpy()
+            acc, conf = b["accuracy"].nan_to_num(0.0).numpy(), b["confidence"].nan_to_num(0.0).numpy()
+            ax.plot([0, 1], [0, 1], "k--", lw=1)
+            ax.bar(centers[occ], acc[occ], width, color="tab:blue", edgecolor="k", lw=0.5)
+            over, under = occ & (conf > acc), occ & (conf < acc)
+            ax.bar(centers[over], (conf - acc)[over], width, bottom=acc[over], color="tab:red", alpha=0.35,
+                   edgecolor="tab:red", lw=0.5)
+            ax.bar(centers[under], (acc - conf)[under], width, bottom=conf[under], color="white", alpha=0.6,
+                   hatch="///", edgecolor="tab:green", lw=0.5)
+            ax.set(xlim=(0, 1), ylim=(0, 1), title=f"{m} — {ev}\nECE {ece:.3f}, n = {int(b['count'].sum())}")
+            ax.tick_params(labelbottom=False)
+            if j == 0:
+                ax.set_ylabel("accuracy")
+            if i == 0 and j == 0:
+                from matplotlib.patches import Patch
+
+                ax.legend(handles=[Patch(facecolor="tab:blue", edgecolor="k", label="accuracy"),
+                                   Patch(facecolor="tab:red", alpha=0.35, label="over-confident (gap to confidence)"),
+                                   Patch(facecolor="white", hatch="///", edgecolor="tab:green", label="under-confident")],
+                          loc="upper left", fontsize=7)
+            hx.bar(centers[occ], b["count"].numpy()[occ], width, color="tab:gray", edgecolor="k", lw=0.5)
+            hx.set_yscale("log")
+            hx.set(xlim=(0, 1), xlabel="confidence" if i == R - 1 else None, ylabel="count" if j == 0 else None)
+    if title:
+        fig.suptitle(title)
+    _save(fig, path)
+    return shown
 
 
 _MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">"]

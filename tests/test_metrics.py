@@ -257,3 +257,24 @@ def test_paired_bootstrap_difference_and_interval():
     assert two["acc"][0] == pytest.approx(0.25)
     with pytest.raises(ValueError, match="same shape"):
         paired_bootstrap(a, b[:3], labels)
+
+
+def test_reliability_panels_show_the_bins_of_every_method_and_evaluation(tmp_path):
+    from scalabl_pyro.metrics import calibration_bins, classification_metrics, reliability_panels
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(200, 4, generator=g) * 3
+    labels = torch.randint(0, 4, (200,), generator=g)
+    sharp, soft = logits.softmax(-1), (logits / 3).softmax(-1)
+    panels = {"in distribution": {"LoRA": (sharp, labels), "ScalaBL": (soft, labels)},
+              "shifted": {"LoRA": (sharp[:50], labels[:50])}}  # ScalaBL missing here: an empty panel
+    shown = reliability_panels(panels, tmp_path / "sub" / "rel.png", n_bins=10, title="t")
+    assert (tmp_path / "sub" / "rel.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert set(shown) == {("in distribution", "LoRA"), ("in distribution", "ScalaBL"), ("shifted", "LoRA")}
+    for (ev, m), b in shown.items():
+        p, y = panels[ev][m]
+        ref = calibration_bins(p, y, n_bins=10)
+        assert torch.equal(b["count"], ref["count"]) and b["ece"] == classification_metrics(p, y, n_bins=10)["ece"]
+    assert shown["in distribution", "LoRA"]["ece"] > shown["in distribution", "ScalaBL"]["ece"]
+    with pytest.raises(ValueError, match="non-empty"):
+        reliability_panels({"x": {}}, tmp_path / "y.png")
