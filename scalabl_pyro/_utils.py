@@ -75,11 +75,13 @@ def _fsync_dir(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_dir(path: str | os.PathLike, *, replace: bool = False) -> Iterator[Path]:
     """Yield a new temporary directory next to ``path``; on success flush it and rename it to ``path``.
 
-    ``path`` must not exist yet (a directory cannot be atomically replaced by another); on any error the
-    temporary directory is removed, so ``path`` is either absent or complete.
+    Without ``replace``, ``path`` must not exist yet (a directory cannot be atomically replaced by another).
+    With ``replace``, an existing ``path`` is first renamed aside and deleted once the new one is in place
+    (restored if the rename fails). On any error the temporary directory is removed, so ``path`` is either
+    the old version, absent, or complete.
 
     Example::
 
@@ -89,11 +91,21 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    old = None
     try:
         yield tmp
         fsync_tree(tmp)
-        os.replace(tmp, path)  # fails (OSError) rather than merge into an existing non-empty directory
+        if replace and path.exists():
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))
+            os.replace(path, old)
+        try:
+            os.replace(tmp, path)  # fails (OSError) rather than merge into an existing non-empty directory
+        except OSError:
+            if old is not None:
+                os.replace(old, path)
+            raise
         _fsync_dir(path.parent)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        for leftover in (tmp, old):
+            if leftover is not None and leftover.exists():
+                shutil.rmtree(leftover, ignore_errors=True)

@@ -162,20 +162,9 @@ def _hub_offline() -> bool:
 
 def _hub_reachable(timeout: float = HUB_PROBE_TIMEOUT) -> bool:
     """One HEAD request to the hub's endpoint, no retries: any HTTP answer means reachable."""
-    try:
-        from huggingface_hub import constants
-        from huggingface_hub.utils import get_session
-    except ImportError:  # pragma: no cover - older huggingface_hub
-        import urllib.error
-        import urllib.request
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
 
-        try:
-            urllib.request.urlopen(urllib.request.Request("https://huggingface.co", method="HEAD"), timeout=timeout)
-        except urllib.error.HTTPError:
-            return True
-        except Exception:  # noqa: BLE001 - DNS, refused, timeout, proxy: all mean unreachable
-            return False
-        return True
     try:
         get_session().head(constants.ENDPOINT, timeout=timeout)
     except Exception:  # noqa: BLE001 - DNS, refused, timeout, proxy: all mean unreachable

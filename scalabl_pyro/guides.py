@@ -20,8 +20,8 @@ from pyro.infer.autoguide.initialization import init_to_median
 
 from .model import ParamStoreConflictError
 
-__all__ = ["init_to_s0", "default_guide", "make_guide", "guide_spec", "laplace_posterior", "check_fresh_guide",
-           "GUIDES", "AutoIAFNormal"]
+__all__ = ["init_to_s0", "default_guide", "make_guide", "name_after_model", "guide_spec", "laplace_posterior",
+           "check_fresh_guide", "GUIDES", "AutoIAFNormal"]
 
 
 class AutoIAFNormal(autoguide.AutoIAFNormal):
@@ -71,7 +71,7 @@ def init_to_s0(model=None, *, fallback=init_to_median):
     return init_loc_fn
 
 
-def _owned(guide, model):
+def name_after_model(guide, model):
     """Name ``guide``'s parameters after its model (``AutoNormal_scalabl.locs...`` instead of Pyro's
     ``AutoNormal.locs...``), so that guides of differently named models never share param-store entries."""
     guide._pyro_name = f"{type(guide).__name__}_{getattr(model, 'name', 'model')}"
@@ -84,7 +84,7 @@ def default_guide(model, *, init_scale: float = 0.05):
     The official code draws initial scales uniformly in ``[eps/sqrt(2), eps]`` with ``eps = 0.05``;
     AutoNormal takes one ``init_scale`` (default ``eps``).
     """
-    return _owned(autoguide.AutoNormal(model, init_loc_fn=init_to_s0(model), init_scale=init_scale), model)
+    return name_after_model(autoguide.AutoNormal(model, init_loc_fn=init_to_s0(model), init_scale=init_scale), model)
 
 
 def make_guide(name: str, model, *, init_scale: float = 0.05, rank: int | None = None,
@@ -119,7 +119,7 @@ def make_guide(name: str, model, *, init_scale: float = 0.05, rank: int | None =
         guide = GUIDES[name](model, hidden_dim=hidden, num_transforms=num_transforms)
     else:
         guide = GUIDES[name](model, init_loc_fn=init)
-    return _owned(guide, model)
+    return name_after_model(guide, model)
 
 
 def guide_spec(guide) -> dict | None:
@@ -157,7 +157,7 @@ def laplace_posterior(model, batch, *, loc=None, scale=None, scale_tril=None):
 
     :param batch: any collated batch (sets up the guide's prototype).
     """
-    guide = _owned(autoguide.AutoMultivariateNormal(model), model)
+    guide = name_after_model(autoguide.AutoMultivariateNormal(model), model)
     guide._setup_prototype(batch, batch["labels"])
     D = guide.loc.numel()
     ref = guide.loc.detach()

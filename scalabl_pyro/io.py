@@ -21,15 +21,13 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import pyro
 import torch
 from safetensors.torch import load_file, save_file
 
-from ._utils import atomic_write_json
+from ._utils import atomic_dir, atomic_write_json
 from .backbones import load_backbone
 from .config import ScalaBLConfig, TrainConfig
 from .guides import check_fresh_guide, guide_spec, laplace_posterior, make_guide
@@ -68,14 +66,13 @@ def _prior_params(model) -> dict[str, torch.Tensor]:
 
 
 def save_run(path: str | os.PathLike, model, guide=None, *, train_config: TrainConfig | None = None,
-             guide_kind: str | None = None, backbone: str = "smollm2", meta: dict | None = None,
-             overwrite: bool = False) -> Path:
+             backbone: str = "smollm2", meta: dict | None = None, overwrite: bool = False) -> Path:
     """Write ``model``'s adapters, ``guide``'s state, learned prior parameters and every config to ``path``.
 
-    The directory is written beside ``path`` and moved into place: an interrupted save leaves no half-written run.
+    The directory is written beside ``path`` and moved into place (:func:`~scalabl_pyro._utils.atomic_dir`):
+    an interrupted save leaves the previous run (or nothing), never a half-written one.
 
     :param train_config: how the run was trained (recorded so that it can be reproduced or resumed).
-    :param guide_kind: ignored (kept for old callers): the guide's kind and options are read from the guide.
     :param backbone: name or path to reload the backbone with :func:`~scalabl_pyro.backbones.load_backbone`.
     :param overwrite: replace an existing run (otherwise :class:`RunExistsError`).
     :raises ValueError: for a guide or model class this package cannot rebuild.
@@ -91,9 +88,7 @@ def save_run(path: str | os.PathLike, model, guide=None, *, train_config: TrainC
     if guide is not None and getattr(guide, "prototype_trace", True) is None:
         raise ValueError("the guide has never run, so it has no parameters to save; train it (or call it once) first")
     record = _model_record(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-"))
-    try:
+    with atomic_dir(path, replace=True) as tmp:
         model.net.peft_model.save_pretrained(tmp / "adapter", save_embedding_layers=False)
         guide_state, prior_params = {}, {}
         if guide is not None:
@@ -121,12 +116,6 @@ def save_run(path: str | os.PathLike, model, guide=None, *, train_config: TrainC
             "meta": meta or {},
         }
         atomic_write_json(tmp / "run.json", run)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 
@@ -272,7 +261,6 @@ def export_peft(path: str | os.PathLike, model: LoRAModel, guide=None) -> Path:
         export_peft("runs/obqa/peft_median", model, guide)
     """
     from peft import get_peft_model_state_dict
-    from safetensors.torch import save_file as _save
 
     net = model.net
     sub = net.subspace
@@ -299,17 +287,8 @@ def export_peft(path: str | os.PathLike, model: LoRAModel, guide=None) -> Path:
             full[ids] = state[k]
             state[k] = full
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-"))
-    try:
-        cfg = net.peft_model.peft_config["default"]
-        cfg.save_pretrained(str(tmp))
-        _save({k: v.contiguous() for k, v in state.items()}, str(tmp / "adapter_model.safetensors"),
-              metadata={"format": "pt"})
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_dir(path, replace=True) as tmp:
+        net.peft_model.peft_config["default"].save_pretrained(str(tmp))
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "adapter_model.safetensors"),
+                  metadata={"format": "pt"})
     return path

@@ -22,9 +22,11 @@ Each method gets its own freshly loaded backbone from ``backbone_fn``.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Sequence
 
 import pyro
@@ -33,9 +35,11 @@ import pyro.distributions as dist
 from pyro import poutine
 from pyro.infer.autoguide import AutoLaplaceApproximation, AutoMultivariateNormal
 
-from .config import ScalaBLConfig, TrainConfig
+from ._utils import atomic_dir, atomic_write_json
 from .baselines.temperature import TemperatureScaled, fit_temperature
+from .config import ScalaBLConfig, TrainConfig
 from .guides import init_to_s0, laplace_posterior, make_guide
+from .io import RunExistsError, load_run, save_run
 from .model import LoRAModel, ScalaBL
 from .predictive import Prediction, predict
 from .priors import centered_prior
@@ -354,19 +358,10 @@ def save_trained(path, trained: Trained, *, train_config: TrainConfig | None = N
 
         save_trained("runs/obqa_ensemble", train_method("ensemble", ...), backbone="smollm2")
     """
-    import shutil
-    import tempfile
-    from pathlib import Path
-
-    from ._utils import atomic_write_json
-    from .io import RunExistsError, save_run
-
     path = Path(path)
     if (path / "trained.json").exists() and not overwrite:
         raise RunExistsError(f"{path} already holds a trained method; pass overwrite=True or choose another directory")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-"))
-    try:
+    with atomic_dir(path, replace=True) as tmp:
         for k, model in enumerate(trained.models):
             guide = trained.guide if k == 0 and model.latent_sites else None
             save_run(tmp / f"member{k}", model, guide, train_config=train_config, backbone=backbone, meta=meta)
@@ -374,12 +369,6 @@ def save_trained(path, trained: Trained, *, train_config: TrainConfig | None = N
             "method": trained.method, "members": len(trained.models), "num_samples": trained.num_samples,
             "losses": list(trained.losses), "fit_seconds": trained.fit_seconds, "extra_params": trained.extra_params,
             "lora_params": trained.lora_params, "temperature": trained.temperature, "meta": meta or {}})
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 
@@ -389,11 +378,6 @@ def load_trained(path, *, backbone_fn: Callable[[], tuple] | None = None, device
     :param backbone_fn: returns a fresh ``(model, tokenizer)`` for each member (default: load each member's
         recorded backbone).
     """
-    import json
-    from pathlib import Path
-
-    from .io import load_run
-
     path = Path(path)
     if not (path / "trained.json").is_file():
         raise FileNotFoundError(f"{path} holds no trained.json; write one with save_trained()")

@@ -37,6 +37,7 @@ from pyro.infer.autoguide.initialization import init_to_median, init_to_value
 from torch import nn
 
 from .config import ScalaBLConfig, TrainConfig
+from .guides import name_after_model
 from .layers import lora_layers
 from .methods import Trained, lora_parameter_count
 from .model import LoRAModel, _in_shape_pass, register_adapters
@@ -256,8 +257,7 @@ def polar_guide(model: PolarVBLL, *, init_scale: float = 0.01) -> AutoNormal:
     """The default posterior: :class:`~pyro.infer.autoguide.AutoNormal` at ``W0`` with scale ``init_scale``."""
     guide = AutoNormal(model, init_loc_fn=init_to_value(values=model.init_values(), fallback=init_to_median),
                        init_scale=init_scale)
-    guide._pyro_name = f"AutoNormal_{model.name}"  # named after its model, as make_guide's guides are
-    return guide
+    return name_after_model(guide, model)
 
 
 def train_polar_vbll(backbone_fn: Callable[[], tuple], train_examples: Sequence, *, label_words,

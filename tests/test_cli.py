@@ -14,11 +14,6 @@ EVAL_TINY = ["--test-limit", "6", "--num-samples", "3", "--quiet"]
 TINY = [*TRAIN_TINY[:-1], *EVAL_TINY]  # demo, benchmark and compare-guides train and evaluate
 
 
-def _named(record, key: str):
-    """A run.json entry that is a name, or (newer run formats) a record holding the name under ``key``."""
-    return record[key] if isinstance(record, dict) else record
-
-
 def test_demo_and_overwrite(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), *TINY]) == 0
@@ -53,7 +48,7 @@ def test_train_then_evaluate(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", "--out", str(run), "--r", "4", "--normalize", "chars", *TRAIN_TINY]) == 0
     info = json.loads((run / "run.json").read_text())
-    assert _named(info["model"], "class") == "ScalaBL" and _named(info["guide"], "kind") == "normal"
+    assert info["model"]["class"] == "ScalaBL" and info["guide"]["kind"] == "normal"
     assert len(info["latent_sites"]) == 5
     assert info["config"]["normalize"] == "chars" and info["config"]["scoring"] == "choice"  # --normalize is used
     assert main(["evaluate", str(run), *EVAL_TINY]) == 0

@@ -117,7 +117,7 @@ def test_save_load_round_trip_on_device(device, tmp_path):
     batch = model.net.collate(synthetic_examples(4))
     for _ in range(2):
         svi.step(batch, batch["labels"])
-    save_run(tmp_path / "run", model, guide, guide_kind="normal", backbone="tiny")
+    save_run(tmp_path / "run", model, guide, backbone="tiny")
     lm, tok = tiny_llama()
     model2, guide2, _ = load_run(tmp_path / "run", backbone=(lm.to(device), tok))
     med, med2 = guide.median(), guide2.median()
