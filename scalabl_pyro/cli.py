@@ -27,7 +27,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}; see '{self.prog} --help'\n")
 
 
-_TRAINING = ("backbone", "steps", "batch_size", "lr", "guide_lr", "kl_anneal", "prior", "scoring", "normalize",
+_TRAINING = ("backbone", "steps", "epochs", "batch_size", "lr", "guide_lr", "kl_anneal", "prior", "scoring", "normalize",
              "train_limit")
 _RUN = ("overwrite", "quiet", "device")
 #: The shared options each verb takes (its own ones are added in :func:`build_parser`).
@@ -46,6 +46,8 @@ def _option(p: argparse.ArgumentParser, key: str, verb: str) -> None:
         "backbone": dict(metavar="NAME", help="'smollm2' (the embedded SmolLM2-135M-Instruct; default), 'tiny' "
                          "(random-weight test model), a hub id 'owner/name' or a local model folder"),
         "steps": dict(type=int, metavar="N", help="optimizer steps (default 200)"),
+        "epochs": dict(type=float, metavar="E", help="budget in passes over the training set instead of --steps "
+                       "(steps = ceil(E * N / batch size) for each training set)"),
         "batch_size": dict(type=int, metavar="N", help="questions per step (default 8)"),
         "lr": dict(type=float, metavar="LR", help="learning rate of the LoRA projections V and B (default 0.001)"),
         "guide_lr": dict(type=float, metavar="LR", help="learning rate of the variational parameters (default "
@@ -89,13 +91,24 @@ def _finish(p: argparse.ArgumentParser, verb: str) -> None:
 
 # ------------------------------------------------------------------------------------------- checks
 def _grid_overrides(args, **extra) -> dict:
-    keys = ("backbone", "steps", "batch_size", "lr", "guide_lr", "scoring", "normalize", "num_samples",
+    keys = ("backbone", "steps", "epochs", "batch_size", "lr", "guide_lr", "scoring", "normalize", "num_samples",
             "train_limit", "test_limit", "data_dir", "kl_anneal", "prior")
+    _check_budget(args)
     out = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    if "epochs" in out:
+        out["steps"] = 200  # GridConfig's default: the budget is in epochs (a config file's steps are replaced)
     if getattr(args, "seeds", None):
         out["seeds"] = _seeds_arg("--seeds", args.seeds)
     out.update({k: v for k, v in extra.items() if v is not None})
     return out
+
+
+def _check_budget(args) -> None:
+    if getattr(args, "epochs", None) is not None:
+        if getattr(args, "steps", None) is not None:
+            raise UsageError(f"--steps {args.steps} and --epochs {args.epochs:g} both set the budget: give one")
+        if not args.epochs > 0:
+            raise UsageError(f"--epochs {args.epochs:g}: give a positive number of passes over the training set")
 
 
 def _seeds_arg(flag: str, text: str) -> tuple[int, ...]:
@@ -148,7 +161,7 @@ def cmd_demo(args) -> int:
     grid = demo_grid(**_grid_overrides(args))
     table = demo(args.out, grid=grid, progress=not args.quiet, overwrite=args.overwrite, device=args.device or "auto")
     print(f"\nScalaBL vs plain LoRA on the embedded countries task ({grid.backbone}, {grid.scoring} scoring, "
-          f"{grid.steps} steps, guide lr {grid.guide_lr:g}, {grid.num_samples} posterior samples, prior "
+          f"{grid.budget()}, guide lr {grid.guide_lr:g}, {grid.num_samples} posterior samples, prior "
           f"{PRIORS[grid.prior]})\n")
     print(table)
     print(f"\nWrote {Path(args.out) / 'results.md'}, {Path(args.out) / 'reliability.png'} and per-run JSON.")
@@ -239,9 +252,10 @@ def cmd_train(args) -> int:
         shutil.rmtree(ckpt_dir)
     train = resolve_task(args.dataset, "train", data_dir=args.data_dir, limit=args.train_limit, seed=args.seed)
     cfg = ScalaBLConfig(scoring=args.scoring or "choice", normalize=args.normalize or "none", r=args.r)
-    tc = TrainConfig(**{k: v for k, v in dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                                              guide_lr=args.guide_lr, kl_anneal=args.kl_anneal,
-                                              seed=args.seed).items() if v is not None})
+    _check_budget(args)
+    opts = {k: v for k, v in dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr, guide_lr=args.guide_lr,
+                                  kl_anneal=args.kl_anneal, seed=args.seed).items() if v is not None}
+    tc = TrainConfig.from_epochs(args.epochs, len(train), **opts) if args.epochs is not None else TrainConfig(**opts)
     guide = args.guide or "normal"
     backbone = args.backbone or "smollm2"
     torch.manual_seed(args.seed)

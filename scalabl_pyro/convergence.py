@@ -12,18 +12,28 @@ seed at every monitored step (common random numbers), so the recorded values cha
 within ``factor`` of where they started (the guide has not moved: with Pyro's ``init_scale`` far from the
 ELBO's optimum this is a posterior stuck at its initial width) or when the KL term still changes by more
 than ``tolerance`` over the last part of training.
+
+:class:`HeldoutCurve` is a ``fit`` callback that evaluates the model on held-out questions every ``every``
+steps (accuracy, ECE, NLL, Brier, mean confidence and mutual information against epochs), also under a
+forked RNG: the curve of over-confidence growing (or not) as training goes on.
 """
 from __future__ import annotations
 
+import json
 import math
+import os
 import warnings
+from pathlib import Path
 from typing import Sequence
 
 import torch
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
-__all__ = ["ConvergenceWarning", "posterior_summary", "check_convergence"]
+from ._utils import atomic_write_json
+from .predictive import predict
+
+__all__ = ["ConvergenceWarning", "posterior_summary", "check_convergence", "HeldoutCurve"]
 
 
 class ConvergenceWarning(UserWarning):
@@ -95,3 +105,66 @@ def check_convergence(scales: Sequence[float], kls: Sequence[float], *, loss: fl
     for msg in out:
         warnings.warn(msg, ConvergenceWarning, stacklevel=3)
     return out
+
+
+class HeldoutCurve:
+    """A :func:`~scalabl_pyro.train.fit` callback: held-out metrics every ``every`` steps, against epochs.
+
+    Each evaluation runs :func:`~scalabl_pyro.predictive.predict` (``num_samples`` posterior samples, or one
+    for a model without latent sites) under a forked RNG seeded with ``seed``, with the LoRA dropout layers
+    switched off, so the training trajectory is the same with or without the curve. ``records`` holds one
+    dict per evaluation: ``step`` (steps done), ``epoch`` (``step * batch_size / num_data``), the metrics of
+    :meth:`~scalabl_pyro.predictive.Prediction.metrics` and ``mean_conf``.
+
+    :param examples: held-out questions (a validation split: never the test split when choosing a budget).
+    :param every: evaluate after every ``every`` steps (e.g. one epoch: ``ceil(num_data / batch_size)``).
+    :param num_data: training set size; :param batch_size: training batch size (for the epoch axis).
+    :param path: also write the records there as JSON (atomically) after each evaluation, and start from the
+        records already there (a resumed run re-evaluates from its checkpoint's step on).
+
+    Example::
+
+        curve = HeldoutCurve(model, guide, val.examples, every=60, num_data=len(train), batch_size=8)
+        fit(model, guide, train.examples, config=TrainConfig(steps=600), callback=curve)
+        [(r["epoch"], r["ece"]) for r in curve.records]
+    """
+
+    def __init__(self, model, guide, examples: Sequence, *, every: int, num_data: int, batch_size: int = 8,
+                 num_samples: int = 10, seed: int = 0, path: str | os.PathLike | None = None):
+        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+            raise ValueError(f"every={every!r} must be a positive integer (steps between evaluations)")
+        if len(examples) == 0:
+            raise ValueError("HeldoutCurve got no held-out examples")
+        self.model, self.guide, self.examples = model, guide, list(examples)
+        self.every, self.num_data, self.batch_size = every, num_data, batch_size
+        self.num_samples, self.seed = num_samples, seed
+        self.path = Path(path) if path is not None else None
+        self.records: list[dict] = []
+        if self.path is not None and self.path.exists():
+            self.records = json.loads(self.path.read_text())["records"]
+
+    def __call__(self, step: int, loss: float) -> None:
+        if (step + 1) % self.every == 0:
+            self.record(step + 1)
+
+    def record(self, steps_done: int) -> dict:
+        """Evaluate now (after ``steps_done`` steps) and append (or replace) that record."""
+        net = self.model.net
+        drop = [m for m in net.peft_model.modules() if isinstance(m, torch.nn.Dropout) and m.training]
+        dev = net.device
+        try:
+            for m in drop:
+                m.eval()
+            with torch.random.fork_rng(devices=[dev.index or 0] if dev.type == "cuda" else []):
+                torch.manual_seed(self.seed)
+                guide = self.guide if getattr(self.model, "latent_sites", ()) else None
+                pred = predict(self.model, guide, self.examples, num_samples=self.num_samples)
+        finally:
+            for m in drop:
+                m.train()
+        rec = {"step": steps_done, "epoch": steps_done * self.batch_size / self.num_data, **pred.metrics(),
+               "mean_conf": float(pred.mean_probs.max(-1).values.mean())}
+        self.records = [r for r in self.records if r["step"] < steps_done] + [rec]
+        if self.path is not None:
+            atomic_write_json(self.path, {"records": self.records})
+        return rec

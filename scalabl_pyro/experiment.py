@@ -27,8 +27,9 @@ from ._utils import atomic_path, atomic_write_json, atomic_write_text
 from .backbones import load_backbone, resolve_device, tiny_llama
 from .config import ScalaBLConfig, TrainConfig, _JsonConfig
 from .data import TaskData, load_task
+from .harness.paired import paired_differences
 from .methods import METHODS, PRIORS, resolve_prior, train_method
-from .metrics import (ece_accuracy_plot, format_table, ood_auroc, paired_bootstrap, reliability_diagram,
+from .metrics import (ece_accuracy_plot, format_table, ood_auroc, reliability_diagram,
                       reliability_panels)
 from .tasks import country_task
 
@@ -89,6 +90,9 @@ class GridConfig(_JsonConfig):
     :param prior: prior of the Bayesian methods: ``"normal"`` (``Normal(0, 1)``, the default) or ``"s0"``
         (``Normal(s0, 1)``, :func:`~scalabl_pyro.priors.centered_prior`).
     :param train_limit: cap on training examples (seeded subset); :param test_limit: cap per evaluation set.
+    :param epochs: the training budget in passes over each run's training set (``steps = ceil(epochs * N /
+        batch_size)``, :meth:`TrainConfig.from_epochs`), so data sets of different sizes train equally long; it
+        replaces ``steps``, which must then stay at its default. ``None``: ``steps`` for every data set.
     """
 
     methods: tuple[str, ...] = DEMO_METHODS
@@ -110,6 +114,7 @@ class GridConfig(_JsonConfig):
     train_limit: int | None = None
     test_limit: int | None = None
     data_dir: str | None = None
+    epochs: float | None = None
     note: str = ""
 
     def __post_init__(self):
@@ -120,16 +125,34 @@ class GridConfig(_JsonConfig):
             raise ValueError("a grid needs at least one dataset and one seed")
         if self.prior not in PRIORS:
             raise ValueError(f"prior={self.prior!r}; allowed: {', '.join(map(repr, PRIORS))}")
-        self.model_config(), self.train_config()  # validate
+        if self.epochs is not None:
+            if isinstance(self.epochs, bool) or not isinstance(self.epochs, (int, float)) or not self.epochs > 0:
+                raise ValueError(f"epochs={self.epochs!r} must be a positive number (passes over the training set) "
+                                 "or None (use steps)")
+            if self.steps != GridConfig.steps:
+                raise ValueError(f"give the budget as steps or as epochs, not both (steps={self.steps}, "
+                                 f"epochs={self.epochs}); drop one")
+        self.model_config(), self.train_config(num_examples=1)  # validate
 
     def model_config(self) -> ScalaBLConfig:
         """The adapter settings of every run: ``r``, ``scoring``, ``normalize``."""
         return ScalaBLConfig(r=self.r, scoring=self.scoring, normalize=self.normalize)
 
-    def train_config(self, *, seed: int = 0) -> TrainConfig:
-        """The training settings of every run (steps, batch, learning rates, KL annealing) for ``seed``."""
-        return TrainConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr, guide_lr=self.guide_lr,
-                           kl_anneal=self.kl_anneal, seed=seed)
+    def train_config(self, *, seed: int = 0, num_examples: int | None = None) -> TrainConfig:
+        """The training settings of a run (budget, batch, learning rates, KL annealing) for ``seed``.
+
+        :param num_examples: the run's training set size; needed when the budget is in :attr:`epochs`.
+        """
+        opts = dict(batch_size=self.batch_size, lr=self.lr, guide_lr=self.guide_lr, kl_anneal=self.kl_anneal, seed=seed)
+        if self.epochs is None:
+            return TrainConfig(steps=self.steps, **opts)
+        if num_examples is None:
+            raise ValueError("this grid's budget is in epochs: pass num_examples (the training set size)")
+        return TrainConfig.from_epochs(self.epochs, num_examples, **opts)
+
+    def budget(self) -> str:
+        """The budget in words: ``"200 steps x batch 8"`` or ``"10 epochs x batch 8"``."""
+        return (f"{self.steps} steps" if self.epochs is None else f"{self.epochs:g} epochs") + f" x batch {self.batch_size}"
 
     def to_dict(self) -> dict:
         d = super().to_dict()
@@ -167,8 +190,9 @@ def run_one(grid: GridConfig, method: str, dataset: str, seed: int, out_dir, *, 
         evals[name] = resolve_task(name, "test", data_dir=grid.data_dir, limit=grid.test_limit, seed=0)
     words = _label_words([train, *evals.values()])
     torch.manual_seed(seed)
+    tc = grid.train_config(seed=seed, num_examples=len(train))
     trained = train_method(method, backbone_factory(grid.backbone, device), list(train.examples), label_words=words,
-                           config=grid.model_config(), train_config=grid.train_config(seed=seed), guide=grid.guide,
+                           config=grid.model_config(), train_config=tc, guide=grid.guide,
                            num_samples=grid.num_samples, prior=grid.prior, progress=progress)
     metrics, preds = {}, {}
     t0 = time.perf_counter()
@@ -185,6 +209,7 @@ def run_one(grid: GridConfig, method: str, dataset: str, seed: int, out_dir, *, 
     result = {
         "method": method, "dataset": dataset, "seed": seed, "grid": grid.to_dict(),
         "train_examples": len(train), "train_note": train.note, "label_words": list(words),
+        "steps": tc.steps, "epochs": round(tc.epochs(len(train)), 3),
         "extra_params": trained.extra_params, "lora_params": trained.lora_params,
         "fit_seconds": round(trained.fit_seconds, 1), "eval_seconds": round(eval_seconds, 1),
         "final_loss": trained.losses[-1] if trained.losses else None, "metrics": metrics,
@@ -234,7 +259,7 @@ def report_header(grid: GridConfig, results: Sequence[dict]) -> str:
     secs = sum(r["fit_seconds"] + r["eval_seconds"] for r in results)
     return "\n".join([
         f"Backbone `{grid.backbone}`, `{grid.scoring}` scoring (normalize={grid.normalize}), LoRA r={grid.r} on "
-        f"q_proj/v_proj/lm_head; {grid.steps} steps x batch {grid.batch_size}, lr {grid.lr} (projections) / "
+        f"q_proj/v_proj/lm_head; {grid.budget()}, lr {grid.lr} (projections) / "
         f"{grid.guide_lr} (guide), KL annealed over {grid.kl_anneal:.0%} of the steps, prior "
         f"{PRIORS[grid.prior]}, {grid.num_samples} posterior samples at test time.",
         f"Training sets capped at {grid.train_limit or 'all'} examples, each evaluation set at "
@@ -252,6 +277,12 @@ def _write_tables(out_dir: Path, results: list[dict], grid: GridConfig | None = 
     rows = summarize(results)
     cols = ["train", "eval", "method", "seeds", "n", *METRIC_KEYS, "auroc_entropy", "auroc_mi", "extra_params"]
     table = format_table(rows, columns=cols) + "\n" if rows else "No finished runs yet.\n"
+    pairs = paired_differences(out_dir, results)
+    if pairs:
+        table += ("\nPaired differences, ScalaBL minus plain LoRA (`mle`) and minus temperature scaling, per metric "
+                  "averaged over the seeds both finished, with a 95% paired bootstrap interval over the test "
+                  "questions (`*`: the interval excludes 0; lower is better for ECE, NLL and Brier):\n\n"
+                  + format_table(pairs, columns=["train", "eval", "pair", "seeds", "n", *METRIC_KEYS]) + "\n")
     if report is not None and grid is not None:
         cmd = f"scalabl-pyro benchmark --config {out_dir / 'grid.json'} --out {out_dir} --report {report}"
         atomic_write_text(report, f"# Benchmark results\n\n{report_header(grid, results)}\n\nRegenerate (resumes; "
@@ -272,7 +303,7 @@ def _write_tables(out_dir: Path, results: list[dict], grid: GridConfig | None = 
 
 #: Grid settings that change a run's numbers: a finished run made with other values does not belong in the table.
 RUN_SETTINGS = ("backbone", "scoring", "normalize", "r", "steps", "batch_size", "lr", "guide_lr", "num_samples",
-                "guide", "kl_anneal", "prior", "train_limit", "test_limit")
+                "guide", "kl_anneal", "prior", "train_limit", "test_limit", "epochs")
 
 
 class GridMismatchError(ValueError):
@@ -481,13 +512,9 @@ def demo(out_dir, *, grid: GridConfig | None = None, progress: bool = True, over
                        out_dir / "reliability.png", title=f"reliability on the test questions (seed {seed})")
     if len(grid.methods) == 2:  # the paired difference of the two methods, with its noise on these questions
         a, b = grid.methods[1], grid.methods[0]
-        diffs = []
-        for ev in (dataset, *grid.ood.get(dataset, [])):
-            stack = {m: torch.stack([saved[m, k][f"{ev}.mean_probs"] for k in grid.seeds]) for m in (a, b)}
-            d = paired_bootstrap(stack[a], stack[b], saved[a, seed][f"{ev}.labels"])
-            diffs.append({"eval": ev, **{k: f"{v:+.3f} [{lo:+.3f}, {hi:+.3f}]" for k, (v, lo, hi) in d.items()}})
+        diffs = paired_differences(out_dir, load_results(out_dir), method=a, against=(b,))
         table += (f"\n\n{a} - {b}, mean over {len(grid.seeds)} seed(s), with a 95% paired bootstrap interval over "
-                  f"the questions (an interval holding 0: no difference beyond the noise of this test set):\n\n"
-                  + format_table(diffs, columns=["eval", *METRIC_KEYS]))
+                  f"the questions (an interval holding 0: no difference beyond the noise of this test set; `*`: "
+                  f"it excludes 0):\n\n" + format_table(diffs, columns=["eval", *METRIC_KEYS]))
         atomic_write_text(out_dir / "results.md", table + "\n")
     return table

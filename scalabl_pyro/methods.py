@@ -87,6 +87,7 @@ class Trained:
     extra_params: int = 0
     lora_params: int = 0
     temperature: float | None = None  # ``temperature``: T fitted on the validation part of the training data
+    history: dict = field(default_factory=dict)  # fit's monitoring (FitResult.monitor_steps / kl / scale) if a guide
 
     def predict(self, examples: Sequence, *, num_samples: int | None = None, batch_size: int = 8,
                 progress: bool = False) -> Prediction:
@@ -259,7 +260,8 @@ def train_method(method: str, backbone_fn: Callable[[], tuple], train_examples: 
                  config: ScalaBLConfig = ScalaBLConfig(), train_config: TrainConfig = TrainConfig(),
                  guide: str = "normal", prior=None, num_samples: int = 10, ensemble_size: int = 3,
                  dropout: float = 0.1, map_weight_decay: float = 1e-2, progress: bool = True,
-                 checkpoint_dir=None, checkpoint_every: int | None = None, val_fraction: float = 0.1) -> Trained:
+                 checkpoint_dir=None, checkpoint_every: int | None = None, val_fraction: float = 0.1,
+                 make_callback: Callable | None = None) -> Trained:
     """Build and train ``method`` on ``train_examples``.
 
     :param backbone_fn: returns a fresh ``(model, tokenizer)`` (e.g. ``lambda: load_backbone("smollm2")``).
@@ -268,6 +270,10 @@ def train_method(method: str, backbone_fn: Callable[[], tuple], train_examples: 
         a name from :data:`PRIORS`: ``"s0"`` is :func:`~scalabl_pyro.priors.centered_prior` at the net's ``s0``.
     :param val_fraction: ``temperature``: the share of ``train_examples`` held out (seeded by
         ``train_config.seed``) to fit ``T`` on; plain LoRA trains on the rest. The test split is never used.
+    :param make_callback: called as ``make_callback(model, guide)`` (``guide`` is ``None`` for the LoRA methods)
+        once the model is built; it returns the ``callback(step, loss)`` given to
+        :func:`~scalabl_pyro.train.fit`, e.g. a :class:`~scalabl_pyro.convergence.HeldoutCurve`. Not for
+        ``ensemble`` and ``scalabl_bayesadapt``.
     :param checkpoint_dir: checkpoint :func:`~scalabl_pyro.train.fit` there and resume from it (an ensemble
         member ``k`` in ``member<k>/``); not for ``scalabl_bayesadapt``, which has its own loop.
 
@@ -282,6 +288,12 @@ def train_method(method: str, backbone_fn: Callable[[], tuple], train_examples: 
     if checkpoint_dir is not None and method == "scalabl_bayesadapt":
         raise ValueError("scalabl_bayesadapt trains with its own loop, which does not checkpoint; drop checkpoint_dir")
     ck = {"checkpoint_dir": checkpoint_dir, "checkpoint_every": checkpoint_every} if checkpoint_dir is not None else {}
+    if make_callback is not None and method in ("ensemble", "scalabl_bayesadapt"):
+        raise ValueError(f"make_callback is not supported for {method!r} (several models, or its own loop); "
+                         "drop it, or train the members one by one with fit()")
+
+    def cb(model, guide=None):
+        return {"callback": make_callback(model, guide)} if make_callback is not None else {}
     pyro.clear_param_store()
     t0 = time.perf_counter()
 
@@ -296,14 +308,14 @@ def train_method(method: str, backbone_fn: Callable[[], tuple], train_examples: 
         if method == "mcdropout":
             net.peft_model.train()
         model = LoRAModel(net, num_data=n)
-        res = fit(model, None, train_examples, config=tc, progress=progress, **ck)
+        res = fit(model, None, train_examples, config=tc, progress=progress, **ck, **cb(model))
         net.peft_model.eval()
         lp = lora_parameter_count(net)
         return Trained(method, [model], None, num_samples, res.losses, time.perf_counter() - t0, 0, lp)
     if method == "temperature":
         fit_part, val_part = validation_split(train_examples, fraction=val_fraction, seed=train_config.seed)
         model = LoRAModel(net_of(False), num_data=len(fit_part))
-        res = fit(model, None, fit_part, config=train_config, progress=progress, **ck)
+        res = fit(model, None, fit_part, config=train_config, progress=progress, **ck, **cb(model))
         val = predict(model, None, val_part, batch_size=8)
         T = fit_temperature(val.mean_probs, val.labels)
         lp = lora_parameter_count(model.net)
@@ -336,14 +348,15 @@ def train_method(method: str, backbone_fn: Callable[[], tuple], train_examples: 
     else:
         model = ScalaBL(net := net_of(True), prior=resolve_prior(prior, net), num_data=n)
         g = make_guide(guide, model)
-    res = fit(model, g, train_examples, config=train_config, progress=progress, **ck)
+    res = fit(model, g, train_examples, config=train_config, progress=progress, **ck, **cb(model, g))
     if method == "laplace":
         g = laplace_guide(model, g, train_examples, seed=train_config.seed)
     guide_params = sum(p.numel() for p in g.parameters()) + sum(b.numel() for b in g.buffers())
     lp = lora_parameter_count(model.net)
     trainable = sum(p.numel() for p in model.net.trainable_parameters())
     extra = trainable + guide_params - lp
-    return Trained(method, [model], g, num_samples, res.losses, time.perf_counter() - t0, extra, lp)
+    history = {"monitor_steps": res.monitor_steps, "kl": res.kl, "scale": res.scale}
+    return Trained(method, [model], g, num_samples, res.losses, time.perf_counter() - t0, extra, lp, history=history)
 
 
 

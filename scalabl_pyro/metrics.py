@@ -21,7 +21,7 @@ from torchmetrics.functional.classification import binary_auroc, multiclass_cali
 from ._utils import atomic_path
 
 __all__ = ["classification_metrics", "paired_bootstrap", "calibration_bins", "uncertainty_decomposition", "ood_auroc",
-           "reliability_diagram", "reliability_panels", "ece_accuracy_plot", "format_table"]
+           "reliability_diagram", "reliability_panels", "ece_accuracy_plot", "heldout_curves_plot", "format_table"]
 
 
 def _check(probs: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -321,6 +321,40 @@ def reliability_panels(panels: Mapping[str, Mapping[str, tuple[Tensor, Tensor]]]
         fig.suptitle(title)
     _save(fig, path)
     return shown
+
+
+def heldout_curves_plot(curves: Mapping[str, Sequence[Mapping[str, Any]]], path: str | os.PathLike, *,
+                        metrics: Sequence[str] = ("ece", "nll"), title: str | None = None) -> Path:
+    """Held-out metrics against training epochs, one line per method, one panel per metric.
+
+    :param curves: ``{method: records}``, each record a dict with ``epoch`` and the ``metrics`` keys (what
+        :class:`~scalabl_pyro.convergence.HeldoutCurve` records).
+    :param path: output ``.png`` (written atomically).
+
+    Example::
+
+        heldout_curves_plot({"plain LoRA": lora_curve.records, "ScalaBL": bayes_curve.records}, "curves.png")
+    """
+    if not curves or not all(curves.values()):
+        raise ValueError("curves must map each method to a non-empty list of records")
+    for name, recs in curves.items():
+        missing = sorted({k for r in recs for k in ("epoch", *metrics) if k not in r})
+        if missing:
+            raise ValueError(f"curve {name!r}: records lack {missing}")
+    fig = Figure(figsize=(5 * len(metrics), 4), layout="constrained")
+    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
+    labels = {"ece": "ECE (15 bins)", "nll": "NLL", "acc": "accuracy", "brier": "Brier", "mean_conf": "mean confidence"}
+    for ax, key in zip(axes, metrics):
+        for i, (name, recs) in enumerate(curves.items()):
+            recs = sorted(recs, key=lambda r: r["epoch"])
+            ax.plot([r["epoch"] for r in recs], [r[key] for r in recs], marker=_MARKERS[i % len(_MARKERS)], ms=3,
+                    label=name)
+        ax.set(xlabel="training epochs", ylabel=labels.get(key, key))
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
 
 
 _MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">"]

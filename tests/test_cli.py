@@ -178,6 +178,9 @@ def test_each_verb_refuses_options_it_does_not_use(argv, tmp_path, capsys):
     (["benchmark", "--no-run", "--device", "cpu", "--only-seeds", "0"], "so --device, --only-seeds would change"),
     (["benchmark", "--no-run", "--overwrite"], "drop it, or drop --no-run"),
     (["benchmark", "--workers", "0"], "--workers 0"),
+    (["train", "--steps", "5", "--epochs", "2"], "--steps 5 and --epochs 2 both set the budget: give one"),
+    (["benchmark", "--steps", "5", "--epochs", "2"], "both set the budget"),
+    (["demo", "--epochs", "0"], "--epochs 0: give a positive number"),
 ])
 def test_ignored_combinations_are_refused(argv, message, tmp_path, capsys):
     assert main([*argv, "--out", str(tmp_path / "x"), "--quiet"]) == 2
@@ -238,3 +241,16 @@ def test_train_resume_after_a_stop_equals_an_uninterrupted_run(tmp_path, capsys,
     assert all(a[k].equal(b[k]) for k in a)
     assert main(["train", "--out", str(tmp_path / "fresh"), *args, "--resume"]) == 2
     assert "holds no checkpoint" in capsys.readouterr().err
+
+
+def test_epochs_set_the_budget_per_training_set(tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["--backbone", "tiny", "--batch-size", "4", "--train-limit", "10", "--quiet", "--r", "4"]
+    assert main(["train", "--out", str(run), "--epochs", "1.5", *args]) == 0
+    assert "10 examples, 4 steps" in capsys.readouterr().out  # ceil(1.5 * 10 / 4)
+    assert json.loads((run / "run.json").read_text())["train_config"]["steps"] == 4
+    out = tmp_path / "grid"
+    assert main(["benchmark", "--out", str(out), "--device", "cpu", "--epochs", "1.5", "--only-methods", "mle",
+                 *[a for a in TINY if a not in ("--steps", "2")]]) == 0
+    r = json.loads((run_dir(out, "countries", "mle", 0) / "result.json").read_text())
+    assert (r["grid"]["epochs"], r["steps"]) == (1.5, 3)  # train_limit 8 in TINY: ceil(1.5 * 8 / 4)

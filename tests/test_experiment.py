@@ -78,7 +78,8 @@ def test_grid_with_worker_processes_matches_sequential(tmp_path):
     for method, metrics in seq.items():  # same seeds, same data: the same numbers in another process
         for k in ("acc", "ece", "nll", "brier"):
             assert par[method]["countries"][k] == pytest.approx(metrics["countries"][k], abs=1e-5)
-    assert (tmp_path / "par" / "results.md").read_text().count("| countries | countries |") == 3
+    main_table = (tmp_path / "par" / "results.md").read_text().split("Paired differences")[0]
+    assert main_table.count("| countries | countries |") == 3
 
 
 def test_grid_workers_report_failures_and_keep_the_rest(tmp_path):
@@ -174,3 +175,63 @@ def test_compare_guides_honours_the_grid_prior(tmp_path, monkeypatch):
     assert [r["guide"] for r in rows] == ["normal", "delta"]
     assert rows[0]["guide_params"] == 2 * 8 * 5 and rows[1]["guide_params"] == 8 * 5  # r=8, 5 sites: loc+scale / loc
     assert (tmp_path / "guides.md").read_text().count("\n| ") == 3  # header row + two guides
+
+
+def test_grid_budget_in_epochs_gives_each_data_set_its_steps(tmp_path, monkeypatch):
+    seen = []
+    real = experiment.train_method
+    monkeypatch.setattr(experiment, "train_method",
+                        lambda *a, **k: seen.append((len(a[2]), k["train_config"].steps)) or real(*a, **k))
+    grid = tiny_grid(methods=("mle",), steps=200, epochs=1.5, train_limit=10, ood={})
+    run_grid(grid, tmp_path, progress=False)
+    assert seen == [(10, 4)]  # ceil(1.5 * 10 / 4) = 4 steps
+    r = load_results(tmp_path)[0]
+    assert (r["steps"], r["epochs"], r["grid"]["epochs"]) == (4, 1.6, 1.5)
+    assert grid.budget() == "1.5 epochs x batch 4" and tiny_grid().budget() == "2 steps x batch 4"
+    with pytest.raises(experiment.GridMismatchError, match=r"epochs=1.5 \(grid: 2\)"):
+        run_grid(tiny_grid(methods=("mle",), steps=200, epochs=2, train_limit=10, ood={}), tmp_path, progress=False)
+
+
+@pytest.mark.parametrize("kw, match", [({"epochs": 0}, "epochs=0 must be a positive number"),
+                                       ({"epochs": "4"}, "epochs='4' must be a positive number"),
+                                       ({"epochs": 4, "steps": 300}, "as steps or as epochs, not both")])
+def test_grid_epochs_validation(kw, match):
+    with pytest.raises(ValueError, match=match):
+        GridConfig(**kw)
+    with pytest.raises(ValueError, match="pass num_examples"):
+        GridConfig(epochs=2).train_config()
+
+
+def test_grid_tables_give_paired_differences_against_lora_and_temperature(tmp_path):
+    from safetensors.torch import load_file
+
+    from scalabl_pyro.harness import paired_differences
+    from scalabl_pyro.metrics import classification_metrics
+
+    grid = tiny_grid(methods=("mle", "temperature", "scalabl"), seeds=(0, 1), train_limit=10, ood={})
+    run_grid(grid, tmp_path, progress=False, only={"methods": ["mle", "scalabl"]})
+    run_grid(grid, tmp_path, progress=False, only={"methods": ["temperature"], "seeds": [1]})
+    rows = paired_differences(tmp_path, load_results(tmp_path))
+    assert [(r["pair"], r["seeds"]) for r in rows] == [("scalabl - mle", 2), ("scalabl - temperature", 1)]
+    ece = {}
+    for m, k in (("scalabl", 1), ("temperature", 1)):
+        saved = load_file(str(run_dir(tmp_path, "countries", m, k) / "predictions.safetensors"))
+        ece[m] = classification_metrics(saved["countries.mean_probs"], saved["countries.labels"])["ece"]
+    v, lo, hi = rows[1]["ece_diff"]
+    assert v == pytest.approx(ece["scalabl"] - ece["temperature"], abs=1e-6) and lo <= v <= hi
+    text = (tmp_path / "results.md").read_text()
+    assert "Paired differences, ScalaBL minus plain LoRA" in text and "| scalabl - temperature | 1 | 6 |" in text
+
+
+def test_paired_differences_refuse_runs_on_other_questions(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from scalabl_pyro.harness import paired_differences
+
+    run_grid(tiny_grid(ood={}), tmp_path, progress=False)
+    path = run_dir(tmp_path, "countries", "mle", 0) / "predictions.safetensors"
+    t = load_file(str(path))
+    t["countries.labels"] = (t["countries.labels"] + 1) % 4
+    save_file(t, str(path))
+    with pytest.raises(ValueError, match="countries.mle.seed0 was evaluated on other countries questions"):
+        paired_differences(tmp_path, load_results(tmp_path), against=("mle",))

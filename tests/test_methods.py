@@ -107,3 +107,33 @@ def test_validation_split_errors():
         validation_split([0], fraction=0.1)
     a, b = validation_split(list(range(10)), fraction=0.3, seed=1)
     assert len(a) == 7 and len(b) == 3 and sorted(a + b) == list(range(10))
+
+
+@pytest.mark.parametrize("method", ["mle", "temperature", "scalabl", "laplace"])
+def test_make_callback_gets_the_trained_model_and_guide(method, data):
+    from scalabl_pyro.convergence import HeldoutCurve
+
+    train, test = data
+    seen = {}
+
+    def make_callback(model, guide):
+        seen["model"], seen["guide"] = model, guide
+        seen["curve"] = HeldoutCurve(model, guide, test, every=2, num_data=len(train), batch_size=4, num_samples=2)
+        return seen["curve"]
+
+    t = train_method(method, tiny_llama, train, label_words=("A", "B", "C", "D"), config=ScalaBLConfig(r=4),
+                     train_config=TrainConfig(steps=4, batch_size=4), num_samples=2, progress=False,
+                     make_callback=make_callback)
+    assert seen["model"] is t.models[0]
+    assert (seen["guide"] is None) == (method in ("mle", "temperature"))
+    assert [r["step"] for r in seen["curve"].records] == [2, 4]
+    if method == "scalabl":
+        assert seen["guide"] is t.guide
+        assert len(t.history["kl"]) == len(t.history["scale"]) == len(t.history["monitor_steps"]) > 0
+
+
+@pytest.mark.parametrize("method", ["ensemble", "scalabl_bayesadapt"])
+def test_make_callback_refused_where_it_cannot_apply(method, data):
+    with pytest.raises(ValueError, match=f"make_callback is not supported for '{method}'"):
+        train_method(method, tiny_llama, data[0], label_words=("A", "B", "C", "D"), progress=False,
+                     make_callback=lambda m, g: None)

@@ -1,0 +1,124 @@
+"""Held-out calibration against training epochs: how long must plain LoRA train to be over-confident?
+
+The reference recipe (BLoB / BayesAdapt scripts: 5000 steps x batch 4) trains many epochs of the small data
+sets, the regime where plain LoRA is over-confident. This script holds out a seeded ``--val-fraction`` of a
+data set's *train* split (its test split is not read; WinoGrande twins stay together, as in ``budget.py``),
+trains each method for ``--steps`` on the rest and evaluates it on the held-out part after every epoch
+(:class:`scalabl_pyro.convergence.HeldoutCurve`, forked RNG: the training trajectory is unchanged) and at
+the end. It writes, per method, ``<out>/<dataset>.<tag>.json`` (the curve, the final metrics, the fit's KL /
+posterior-scale history) atomically, and ``<out>/<dataset>.curves.png`` (held-out ECE and NLL against epochs
+for every finished method). Runs checkpoint every epoch into ``--ckpt`` and resume there; a finished
+method is skipped.
+
+Usage::
+
+    python bench/epochs.py --out bench/epochs                                  # WinoGrande-S, mle + scalabl
+    python bench/epochs.py --out bench/epochs --methods scalabl --prior normal
+    python bench/epochs.py --backbone tiny --steps 8 --dataset countries --out /tmp/epochs
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from budget import guide_stats, holdout, twin_pair
+from scalabl_pyro._utils import atomic_write_json
+from scalabl_pyro.convergence import HeldoutCurve
+from scalabl_pyro.experiment import GridConfig, backbone_factory, resolve_task
+from scalabl_pyro.methods import PRIORS, train_method
+from scalabl_pyro.metrics import heldout_curves_plot
+
+
+def tag_of(method: str, grid: GridConfig) -> str:
+    if method not in ("scalabl", "blob", "scalabl_bayesadapt"):
+        return method
+    return f"{method}.prior_{grid.prior}.guide_lr{grid.guide_lr:g}"
+
+
+def run(method: str, grid: GridConfig, fit_set, val_set, words, *, out: Path, ckpt: Path, dataset: str,
+        device: str) -> dict:
+    tag = tag_of(method, grid)
+    path = out / f"{dataset}.{tag}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    per_epoch = math.ceil(len(fit_set) / grid.batch_size)
+    n_fit = len(fit_set)
+    curves = {}
+
+    def make_callback(model, guide):
+        # temperature trains on 90% of fit_set; its epochs count over what it trains on
+        num = n_fit if method != "temperature" else len(fit_set) - round(0.1 * len(fit_set))
+        curves["c"] = HeldoutCurve(model, guide, val_set, every=per_epoch, num_data=num, batch_size=grid.batch_size,
+                                   num_samples=grid.num_samples, path=ckpt / f"{dataset}.{tag}.curve.json")
+        return curves["c"]
+
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    trained = train_method(method, backbone_factory(grid.backbone, device), fit_set, label_words=words,
+                           config=grid.model_config(), train_config=grid.train_config(), num_samples=grid.num_samples,
+                           prior=grid.prior, progress=False, checkpoint_dir=ckpt / f"{dataset}.{tag}",
+                           checkpoint_every=per_epoch, make_callback=make_callback)
+    curve = curves["c"]
+    curve.record(grid.steps)  # the last point (temperature: of its LoRA model, before T)
+    pred = trained.predict(val_set)
+    metrics = {**pred.metrics(), "mean_conf": float(pred.mean_probs.max(-1).values.mean())}
+    row = {"method": method, "tag": tag, "dataset": dataset, "steps": grid.steps, "batch_size": grid.batch_size,
+           "lr": grid.lr, "n_fit": n_fit, "n_val": len(val_set),
+           **({"guide_lr": grid.guide_lr, "prior": PRIORS[grid.prior]} if tag != method else {}),
+           "epochs": round(grid.steps * grid.batch_size / n_fit, 2), **metrics,
+           "temperature": trained.temperature, "curve": curve.records,
+           "history": trained.history, "seconds": round(time.perf_counter() - t0, 1),
+           "date": time.strftime("%Y-%m-%d")}
+    if method == "scalabl":
+        row.update(guide_stats(trained))
+    atomic_write_json(path, row)
+    return row
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dataset", default="winogrande_s")
+    p.add_argument("--methods", default="mle,scalabl")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--val-fraction", type=float, default=0.25)
+    p.add_argument("--grid", default="bench/grid_cpu.json", help="grid config giving every other setting")
+    p.add_argument("--backbone", default=None, help="override the grid's backbone (e.g. tiny)")
+    p.add_argument("--prior", default="s0", choices=sorted(PRIORS), help="ScalaBL's prior")
+    p.add_argument("--guide-lr", type=float, default=0.05, help="ScalaBL's guide learning rate")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default="bench/epochs")
+    p.add_argument("--ckpt", default=None, help="checkpoints and partial curves (default: <out>/ckpt, not committed)")
+    a = p.parse_args(argv)
+    grid = GridConfig.load(a.grid)
+    grid = dataclasses.replace(grid, steps=a.steps, prior=a.prior, guide_lr=a.guide_lr,
+                               **({"backbone": a.backbone} if a.backbone else {}))
+    train = resolve_task(a.dataset, "train", data_dir=grid.data_dir, limit=grid.train_limit, seed=0)
+    group = twin_pair if a.dataset.startswith("winogrande") else (lambda e: e.id)
+    fit_set, val_set = holdout(list(train.examples), fraction=a.val_fraction, group=group)
+    out = Path(a.out)
+    ckpt = Path(a.ckpt) if a.ckpt else out / "ckpt"
+    rows = {}
+    for method in a.methods.split(","):
+        row = run(method, grid, fit_set, val_set, train.label_words, out=out, ckpt=ckpt, dataset=a.dataset,
+                  device=a.device)
+        rows[row["tag"]] = row
+        print(f"{row['tag']:<32} {row['epochs']:>5.1f} ep  n_val {row['n_val']}  acc {row['acc']:.3f}  "
+              f"ece {row['ece']:.3f}  nll {row['nll']:.3f}  brier {row['brier']:.3f}  conf {row['mean_conf']:.3f}  "
+              f"({row['seconds']:.0f} s)", flush=True)
+        for r in row["curve"]:
+            print(f"    epoch {r['epoch']:>5.2f}  acc {r['acc']:.3f}  ece {r['ece']:.3f}  nll {r['nll']:.3f}  "
+                  f"conf {r['mean_conf']:.3f}  mi {r['mean_mi']:.4f}", flush=True)
+    done = {json.loads(f.read_text())["tag"]: json.loads(f.read_text())["curve"]
+            for f in sorted(out.glob(f"{a.dataset}.*.json"))}
+    heldout_curves_plot(done, out / f"{a.dataset}.curves.png",
+                        title=f"{a.dataset}: held-out (validation) calibration while training")
+
+
+if __name__ == "__main__":
+    main()
