@@ -19,13 +19,14 @@ from .baselines import apply_temperature, calibrate, fit_temperature
 from .config import ScalaBLConfig, TrainConfig
 from .data import Example, TaskData, available_datasets, load_task
 from .checkpoint import CheckpointMismatchError
-from .convergence import ConvergenceWarning
+from .convergence import ConvergenceWarning, HeldoutCurve
 from .guides import GUIDES, check_fresh_guide, default_guide, guide_spec, init_to_s0, laplace_posterior, make_guide
 from .io import RunExistsError, export_peft, load_run, save_run
 from .layers import SITE_PREFIX, Subspace, add_lora, site_name
 from .metrics import (
     classification_metrics,
     format_table,
+    heldout_curves_plot,
     ood_auroc,
     paired_bootstrap,
     reliability_diagram,
@@ -44,12 +45,13 @@ from .userdata import load_user_task, task_from_records
 __version__ = "0.2.0"
 
 __all__ = [
-    "AdaptedLM", "CheckpointMismatchError", "ConvergenceWarning", "DEFAULT_BACKBONE", "Example", "FitResult", "GUIDES", "LayerScalePrior",
+    "AdaptedLM", "CheckpointMismatchError", "ConvergenceWarning", "DEFAULT_BACKBONE", "Example", "FitResult", "GUIDES", "HeldoutCurve",
+    "LayerScalePrior",
     "LoRAModel", "ParamStoreConflictError", "Prediction", "RunExistsError", "SITE_PREFIX", "ScalaBL", "ScalaBLConfig",
     "Subspace", "TaskData", "TrainConfig", "add_lora", "apply_temperature", "available_datasets", "calibrate",
     "centered_prior", "char_tokenizer", "check_fresh_guide", "classification_metrics", "count_parameters",
     "country_task", "default_guide", "empty_guide", "export_peft", "fit", "fit_temperature", "format_table",
-    "guide_spec", "init_to_s0", "isotropic_normal", "laplace_posterior", "laplace_prior", "load_backbone", "load_run",
+    "guide_spec", "heldout_curves_plot", "init_to_s0", "isotropic_normal", "laplace_posterior", "laplace_prior", "load_backbone", "load_run",
     "load_task", "load_user_task", "make_elbo", "make_guide", "make_optimizer", "normalize_prior", "ood_auroc",
     "paired_bootstrap", "predict", "prior_from_spec", "prior_to_spec", "register_adapters", "reliability_diagram", "reliability_panels",
     "save_run", "site_name", "student_t_prior", "task_from_records", "tiny_llama", "uncertainty_decomposition",

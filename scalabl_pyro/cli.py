@@ -51,12 +51,11 @@ def _option(p: argparse.ArgumentParser, key: str, verb: str) -> None:
         "batch_size": dict(type=int, metavar="N", help="questions per step (default 8)"),
         "lr": dict(type=float, metavar="LR", help="learning rate of the LoRA projections V and B (default 0.001)"),
         "guide_lr": dict(type=float, metavar="LR", help="learning rate of the variational parameters (default "
-                         + ("0.05, chosen on validation: bench/demo_recipe.py)" if demo else "0.01)")),
+                                                         "0.05, chosen on validation: bench/README.md)"),
         "kl_anneal": dict(type=float, metavar="F", help="ramp the KL weight from 0 to 1 over this fraction of the "
                                                         "steps, 0..1 (Bayesian methods; default 0)"),
-        "prior": dict(choices=("normal", "s0"), help="prior of s: 'normal' = Normal(0, 1), 's0' = Normal(s0, 1), "
-                      "centred where the guide starts (default " + ("'s0', chosen on validation: "
-                      "bench/demo_recipe.py)" if demo else "'normal')")),
+        "prior": dict(choices=("normal", "s0"), help="prior of s: 's0' = Normal(s0, 1), centred where the guide "
+                      "starts (default, chosen on validation: bench/README.md), 'normal' = Normal(0, 1)"),
         "scoring": dict(choices=("letter", "choice"), help="'choice': log-likelihood of each choice's text "
                         "(default); 'letter': logits of the answer letters after 'Answer:'"),
         "normalize": dict(choices=("none", "tokens", "chars"), help="choice scoring only: 'none' sums the "
@@ -265,7 +264,7 @@ def cmd_train(args) -> int:
                            checkpoint_every=args.checkpoint_every)
     save_run(out, trained.models[0], trained.guide, train_config=tc, backbone=backbone, overwrite=args.overwrite,
              meta={"dataset": args.dataset, "method": args.method, "train": tc.to_dict(),
-                   "prior": (args.prior or "normal") if args.method == "scalabl" else None,
+                   "prior": (args.prior or "s0") if args.method == "scalabl" else None,
                    "final_loss": trained.losses[-1], "fit_seconds": trained.fit_seconds})
     print(f"trained {args.method} on {args.dataset} ({len(train)} examples, {tc.steps} steps, "
           f"{trained.fit_seconds:.0f} s); saved to {out}")

@@ -28,6 +28,7 @@ from .backbones import load_backbone, resolve_device, tiny_llama
 from .config import ScalaBLConfig, TrainConfig, _JsonConfig
 from .data import TaskData, load_task
 from .harness.paired import paired_differences
+from .harness.report import write_report_section
 from .methods import METHODS, PRIORS, resolve_prior, train_method
 from .metrics import (ece_accuracy_plot, format_table, ood_auroc, reliability_diagram,
                       reliability_panels)
@@ -87,12 +88,14 @@ class GridConfig(_JsonConfig):
     :param ood: ``{train_set: [ood_set, ...]}``, evaluated (split ``test``) next to the in-distribution test set.
     :param kl_anneal: :attr:`TrainConfig.kl_anneal` of the Bayesian methods (KL weight ramped from 0 to 1 over
         this fraction of the steps).
-    :param prior: prior of the Bayesian methods: ``"normal"`` (``Normal(0, 1)``, the default) or ``"s0"``
-        (``Normal(s0, 1)``, :func:`~scalabl_pyro.priors.centered_prior`).
+    :param prior: prior of the Bayesian methods: ``"s0"`` (``Normal(s0, 1)``, :func:`~scalabl_pyro.priors.centered_prior`,
+        the default) or ``"normal"`` (``Normal(0, 1)``; ``bench/grid_cpu.json`` was run with it).
     :param train_limit: cap on training examples (seeded subset); :param test_limit: cap per evaluation set.
     :param epochs: the training budget in passes over each run's training set (``steps = ceil(epochs * N /
         batch_size)``, :meth:`TrainConfig.from_epochs`), so data sets of different sizes train equally long; it
         replaces ``steps``, which must then stay at its default. ``None``: ``steps`` for every data set.
+    :param title: heading of the grid's section in a ``--report`` file (default: its budget); a report holds
+        one section per output folder (:func:`~scalabl_pyro.harness.report.write_report_section`).
     """
 
     methods: tuple[str, ...] = DEMO_METHODS
@@ -106,16 +109,17 @@ class GridConfig(_JsonConfig):
     steps: int = 200
     batch_size: int = 8
     lr: float = 1e-3
-    guide_lr: float = 1e-2
+    guide_lr: float = 5e-2
     num_samples: int = 10
     guide: str = "normal"
     kl_anneal: float = 0.0
-    prior: str = "normal"
+    prior: str = "s0"
     train_limit: int | None = None
     test_limit: int | None = None
     data_dir: str | None = None
     epochs: float | None = None
     note: str = ""
+    title: str = ""
 
     def __post_init__(self):
         bad = [m for m in self.methods if m not in METHODS]
@@ -285,8 +289,9 @@ def _write_tables(out_dir: Path, results: list[dict], grid: GridConfig | None = 
                   + format_table(pairs, columns=["train", "eval", "pair", "seeds", "n", *METRIC_KEYS]) + "\n")
     if report is not None and grid is not None:
         cmd = f"scalabl-pyro benchmark --config {out_dir / 'grid.json'} --out {out_dir} --report {report}"
-        atomic_write_text(report, f"# Benchmark results\n\n{report_header(grid, results)}\n\nRegenerate (resumes; "
-                          f"finished runs are skipped):\n\n```\n{cmd}\n```\n\n{table}")
+        write_report_section(report, out_dir.as_posix(), f"## {grid.title or 'Grid: ' + grid.budget()}\n\n"
+                             f"{report_header(grid, results)}\n\nRegenerate (resumes; finished runs are skipped):"
+                             f"\n\n```\n{cmd}\n```\n\n{table}")
     if not rows:
         return rows
     atomic_write_text(out_dir / "results.md", table)

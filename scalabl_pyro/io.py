@@ -32,7 +32,7 @@ from .backbones import load_backbone
 from .config import ScalaBLConfig, TrainConfig
 from .guides import check_fresh_guide, guide_spec, laplace_posterior, make_guide
 from .model import LoRAModel, ScalaBL
-from .priors import prior_from_spec
+from .priors import isotropic_normal, prior_from_spec
 from .scoring import AdaptedLM
 
 __all__ = ["save_run", "load_run", "export_peft", "RunExistsError"]
@@ -129,6 +129,16 @@ def _model_class(record: dict):
                          "of scalabl_pyro does not have") from None
 
 
+def _saved_prior(spec: dict, config: ScalaBLConfig, prior):
+    """The prior a run recorded. ``{"kind": "default"}`` without ``"loc"`` was written before the default moved
+    from ``Normal(0, prior_scale)`` to ``Normal(s0, prior_scale)``: such runs get the prior they were trained with."""
+    if spec == {"kind": "default"}:
+        return isotropic_normal(config.prior_scale)
+    if spec.get("kind") == "default":
+        return None  # the model class's default, rebuilt from the same seed's s0
+    return prior_from_spec(spec, prior=prior)
+
+
 def load_run(path: str | os.PathLike, *, backbone=None, example_batch=None, device=None, prior=None,
              name: str | None = None):
     """Rebuild ``(model, guide, run_info)`` from :func:`save_run`'s directory; predictions match exactly.
@@ -163,7 +173,7 @@ def load_run(path: str | os.PathLike, *, backbone=None, example_batch=None, devi
     config = ScalaBLConfig.from_dict(run["config"])
     net = AdaptedLM(lm, tok, label_words=run["label_words"], config=config, subspace=rec["subspace"],
                     seed=run["seed"])
-    kw = dict(rec["options"]) if not rec["subspace"] else {"prior": prior_from_spec(run["prior"], prior=prior)}
+    kw = dict(rec["options"]) if not rec["subspace"] else {"prior": _saved_prior(run["prior"], config, prior)}
     model = cls(net, name=name or _free_name(rec["name"]), **kw)
     _load_adapter(net.peft_model, path / "adapter" / "adapter_model.safetensors")
     if hasattr(model, "load_extra_state"):

@@ -42,7 +42,7 @@ from .guides import init_to_s0, laplace_posterior, make_guide
 from .io import RunExistsError, load_run, save_run
 from .model import LoRAModel, ScalaBL
 from .predictive import Prediction, predict
-from .priors import centered_prior
+from .priors import centered_prior, isotropic_normal
 from .scoring import AdaptedLM
 from .train import fit
 
@@ -58,7 +58,11 @@ class BLoB(ScalaBL):
     """BLoB as a Pyro model: latent ``<module>.A`` (event shape ``(r, in)``), ``B`` a learned projection.
 
     :param net: an :class:`~scalabl_pyro.scoring.AdaptedLM` built with ``subspace="A"``.
+    :param prior: as :class:`~scalabl_pyro.model.ScalaBL`'s; the default is ``Normal(0, net.config.prior_scale)``
+        on every entry of ``A`` (BLoB's own).
     """
+
+    default_prior_loc = "zero"
 
     def __init__(self, net: AdaptedLM, *, prior=None, num_data=None, name: str = "blob", kl_weight: float = 1.0):
         if net.subspace is None or net.subspace.latent != "A":
@@ -251,9 +255,9 @@ def resolve_prior(prior, net: AdaptedLM):
     if not isinstance(prior, str):
         return prior
     if prior not in PRIORS:
-        raise ValueError(f"prior={prior!r}: the only named prior is 's0' (Normal(s0, 1)), besides 'normal' "
-                         f"(Normal(0, 1), the default); or pass a prior object")
-    return centered_prior(net.subspace.s0) if prior == "s0" else None
+        raise ValueError(f"prior={prior!r}: the named priors are 's0' (Normal(s0, 1), ScalaBL's default) and "
+                         f"'normal' (Normal(0, 1)); or pass a prior object")
+    return centered_prior(net.subspace.s0) if prior == "s0" else isotropic_normal(1.0)
 
 
 def train_method(method: str, backbone_fn: Callable[[], tuple], train_examples: Sequence, *, label_words,
@@ -266,7 +270,8 @@ def train_method(method: str, backbone_fn: Callable[[], tuple], train_examples: 
 
     :param backbone_fn: returns a fresh ``(model, tokenizer)`` (e.g. ``lambda: load_backbone("smollm2")``).
     :param guide: autoguide name for ``scalabl``/``blob`` (see :data:`~scalabl_pyro.guides.GUIDES`).
-    :param prior: any prior form of :func:`~scalabl_pyro.priors.normalize_prior` (default ``Normal(0, 1)``), or
+    :param prior: any prior form of :func:`~scalabl_pyro.priors.normalize_prior` (default: the model's, ``Normal(s0, 1)`` for
+        ScalaBL, ``Normal(0, 1)`` for BLoB), or
         a name from :data:`PRIORS`: ``"s0"`` is :func:`~scalabl_pyro.priors.centered_prior` at the net's ``s0``.
     :param val_fraction: ``temperature``: the share of ``train_examples`` held out (seeded by
         ``train_config.seed``) to fit ``T`` on; plain LoRA trains on the rest. The test split is never used.

@@ -26,7 +26,7 @@ def test_alpha_follows_r_and_explicit_alpha():
 
 def test_train_defaults():
     cfg = TrainConfig()
-    assert (cfg.steps, cfg.batch_size, cfg.lr, cfg.guide_lr) == (200, 8, 1e-3, 1e-2)
+    assert (cfg.steps, cfg.batch_size, cfg.lr, cfg.guide_lr) == (200, 8, 1e-3, 5e-2)
     assert cfg.schedule == "cosine" and cfg.elbo == "trace" and cfg.num_particles == 1
 
 

@@ -5,6 +5,7 @@ import pytest
 
 from scalabl_pyro import experiment
 from scalabl_pyro.experiment import GridConfig, demo, load_results, run_dir, run_grid, summarize
+from scalabl_pyro.harness.report import report_sections
 
 
 def tiny_grid(**kw):
@@ -51,6 +52,14 @@ def test_grid_writes_results_and_resumes(tmp_path, monkeypatch):
     assert calls == []
     # Settings that do not change a run's numbers (here the methods list) are no mismatch.
     experiment.report_grid(tiny_grid(methods=("mle",)), tmp_path)
+
+    # The report: one section keyed by the output folder, headed by the grid's title, replaced on rewrite.
+    report = tmp_path / "RESULTS.md"
+    experiment.report_grid(tiny_grid(title="Tiny grid"), tmp_path, report=report)
+    experiment.report_grid(tiny_grid(title="Tiny grid, again"), tmp_path, report=report)
+    text = report.read_text()
+    assert report_sections(text) == [tmp_path.as_posix()] and "## Tiny grid, again\n" in text
+    assert "## Tiny grid\n" not in text and "| countries | countries | scalabl |" in text
 
 
 def test_grid_only_runs_some_cells_and_keeps_the_whole_grid(tmp_path, monkeypatch):
@@ -150,10 +159,10 @@ def test_grid_kl_anneal_and_prior_reach_fit(tmp_path, monkeypatch):
     monkeypatch.setattr(experiment, "train_method",
                         lambda *a, **k: seen.append((k["train_config"].kl_anneal, k["prior"])) or real(*a, **k))
     run_grid(tiny_grid(methods=("scalabl",), kl_anneal=0.5, ood={}), tmp_path / "a", progress=False)
-    run_grid(tiny_grid(methods=("scalabl",), prior="s0", ood={}), tmp_path / "b", progress=False)
-    assert seen == [(0.5, "normal"), (0.0, "s0")]
+    run_grid(tiny_grid(methods=("scalabl",), prior="normal", ood={}), tmp_path / "b", progress=False)
+    assert seen == [(0.5, "s0"), (0.0, "normal")]  # the default prior is "s0"
     assert load_results(tmp_path / "a")[0]["grid"]["kl_anneal"] == 0.5
-    assert load_results(tmp_path / "b")[0]["grid"]["prior"] == "s0"
+    assert load_results(tmp_path / "b")[0]["grid"]["prior"] == "normal"
 
 
 def test_label_words_must_agree():

@@ -8,7 +8,7 @@ import pytest
 import torch
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO, autoguide
 
-from conftest import synthetic_examples
+from conftest import randomize_lora, synthetic_examples
 from scalabl_pyro.config import TrainConfig
 import scalabl_pyro.guides as scalabl_guides
 from scalabl_pyro.guides import GUIDES, default_guide, init_to_s0, make_guide
@@ -157,6 +157,7 @@ def test_elbo_decreases_on_learnable_toy(make_model, examples):
 def test_every_site_is_trained_by_the_guide(name, make_model):
     """Every latent coordinate has a variational parameter in the param store, and a step moves them."""
     model = make_model("letter")
+    randomize_lora(model.net)  # B = 0 and a prior centred at s0 would give s no gradient at the start
     guide = make_guide(name, model)
     batch = model.net.collate(synthetic_examples(8))
     guide(batch, batch["labels"])
@@ -189,6 +190,7 @@ def test_site_names_never_collide_with_autoguide_attributes(make_model, cls):
 
 def test_pyros_autodelta_trains_every_site(make_model):
     model = make_model("letter")
+    randomize_lora(model.net)  # B = 0 and a prior centred at s0 would give s no gradient at the start
     guide = autoguide.AutoDelta(model, init_loc_fn=init_to_s0(model))
     batch = model.net.collate(synthetic_examples(8))
     svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 0.05}), pyro.infer.Trace_ELBO())

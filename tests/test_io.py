@@ -128,6 +128,31 @@ def test_loading_with_other_guide_kind(make_model, tmp_path):
         load_run(path, backbone=tiny_llama())
 
 
+def _prior_locs(model) -> dict:
+    batch = model.net.collate(synthetic_examples(2))
+    tr = pyro.poutine.trace(model).get_trace(batch, batch["labels"])
+    return {k: tr.nodes[k]["fn"].base_dist.loc.expand(4).clone() for k in model.latent_sites}
+
+
+def test_default_prior_round_trip_and_old_default_record(make_model, tmp_path):
+    """The default prior N(s0, 1) comes back from the same seed's s0; a run recorded before the default moved
+    (``{"kind": "default"}`` without ``loc``) loads with the N(0, prior_scale) it was trained with."""
+    model, guide = _trained(make_model, "letter", "normal", steps=1)
+    path = save_run(tmp_path / "run", model, guide, backbone="tiny")
+    want = _prior_locs(model)
+    assert json.loads((path / "run.json").read_text())["prior"] == {"kind": "default", "loc": "s0"}
+    pyro.clear_param_store()
+    loaded, _, _ = load_run(path, backbone=tiny_llama())
+    got = _prior_locs(loaded)
+    assert all(torch.equal(got[k], want[k]) for k in want) and any(v.abs().sum() > 0 for v in want.values())
+    run = json.loads((path / "run.json").read_text())
+    run["prior"] = {"kind": "default"}
+    (path / "run.json").write_text(json.dumps(run))
+    pyro.clear_param_store()
+    old, _, _ = load_run(path, backbone=tiny_llama())
+    assert all(torch.equal(v, torch.zeros(4)) for v in _prior_locs(old).values())
+
+
 def test_missing_run_json(tmp_path):
     with pytest.raises(FileNotFoundError, match="no run.json"):
         load_run(tmp_path, backbone=tiny_llama())

@@ -49,7 +49,7 @@ def test_named_prior_s0_centres_the_prior_at_the_start(method, data):
         d = model.prior(site, info.layer, info.event_shape)
         torch.testing.assert_close(d.base_dist.loc, info.s0)
         assert d.event_shape == info.s0.shape
-    with pytest.raises(ValueError, match="only named prior is 's0'"):
+    with pytest.raises(ValueError, match="named priors are 's0'"):
         train_method(method, tiny_llama, train, label_words=("A", "B", "C", "D"), prior="flat", progress=False)
 
 

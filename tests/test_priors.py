@@ -117,13 +117,12 @@ def _trace(model, batch):
 
 
 @pytest.mark.parametrize("prior, cls, params", [
-    (None, dist.Normal, {"loc": 0.0, "scale": 1.0}),
     (isotropic_normal(0.25), dist.Normal, {"loc": 0.0, "scale": 0.25}),
     (laplace_prior(0.5), dist.Laplace, {"loc": 0.0, "scale": 0.5}),
     (student_t_prior(df=5.0, scale=0.7), dist.StudentT, {"df": 5.0, "loc": 0.0, "scale": 0.7}),
     (dist.Laplace(0.0, 0.2), dist.Laplace, {"loc": 0.0, "scale": 0.2}),
     (LayerScalePrior(init=0.4), dist.Normal, {"loc": 0.0, "scale": 0.4}),
-], ids=["default", "isotropic", "laplace", "student_t", "distribution", "layer_scale"])
+], ids=["isotropic", "laplace", "student_t", "distribution", "layer_scale"])
 def test_ready_priors_in_trace(make_model, prior, cls, params):
     model = make_model("letter", prior=prior)
     batch = model.net.collate(synthetic_examples(2))
@@ -188,3 +187,19 @@ def test_centered_prior_sits_at_s0(make_model):
         assert fn.log_prob(s0[site]) > fn.log_prob(torch.zeros_like(s0[site]))  # the mode is s0, not 0
     with pytest.raises(ValueError, match="scale"):
         centered_prior(s0, scale=0.0)
+
+
+def test_default_prior_is_centred_at_s0(make_model):
+    """ScalaBL's default prior is Normal(s0, prior_scale) per site (the guide's start), recorded as the default."""
+    model = make_model("letter")
+    batch = model.net.collate(synthetic_examples(2))
+    tr = _trace(model, batch)
+    s0 = model.net.subspace.s0
+    assert model.prior_spec == {"kind": "default", "loc": "s0"}
+    for site in model.latent_sites:
+        base = _base(tr.nodes[site]["fn"])
+        assert type(base) is dist.Normal
+        torch.testing.assert_close(base.loc, s0[site])
+        assert _all(base.scale, model.net.config.prior_scale)
+        x = tr.nodes[site]["value"]
+        torch.testing.assert_close(tr.nodes[site]["fn"].log_prob(x), dist.Normal(s0[site], 1.0).log_prob(x).sum())

@@ -358,7 +358,7 @@ def test_fit_is_silent_on_a_converged_fit_and_monitoring_leaves_the_trajectory_a
         guide = default_guide(model)
         with warnings.catch_warnings():
             warnings.simplefilter("error", UserWarning)
-            res = fit(model, guide, examples, config=TrainConfig(steps=300, guide_lr=0.1, lr=1e-2), progress=False,
+            res = fit(model, guide, examples, config=TrainConfig(steps=300, guide_lr=0.2, lr=1e-2), progress=False,
                       monitor_every=monitor_every)
         return res, {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
 

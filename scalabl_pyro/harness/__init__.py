@@ -5,5 +5,6 @@ the other way round. (The older harness modules, ``experiment``, ``data``, ``tas
 still sit at the package's top level; they move here as they are touched.)
 """
 from .paired import paired_differences
+from .report import report_sections, write_report_section
 
-__all__ = ["paired_differences"]
+__all__ = ["paired_differences", "report_sections", "write_report_section"]
