@@ -244,3 +244,5 @@ def test_paired_differences_refuse_runs_on_other_questions(tmp_path):
     save_file(t, str(path))
     with pytest.raises(ValueError, match="countries.mle.seed0 was evaluated on other countries questions"):
         paired_differences(tmp_path, load_results(tmp_path), against=("mle",))
+    path.unlink()  # a run from before predictions were saved: no paired row, no error
+    assert paired_differences(tmp_path, load_results(tmp_path), against=("mle",)) == []

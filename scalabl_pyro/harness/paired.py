@@ -36,7 +36,8 @@ def paired_differences(out_dir: str | os.PathLike, results: Sequence[dict], *, m
     :param results: the finished runs' ``result.json`` dicts (:func:`~scalabl_pyro.experiment.load_results`).
     :returns: one row per (train, eval, baseline) with ``seeds``, ``n`` and, per metric, the raw triple
         ``(difference, low, high)`` under ``<metric>_diff`` and its text ``"+0.012 [-0.004, +0.030]"`` under
-        ``<metric>``. Pairs with no common seed are left out.
+        ``<metric>``. Pairs with no common seed are left out, and so are runs without ``predictions.safetensors``
+        (written since December 2026; older grids have no paired rows).
     :raises ValueError: two runs of a pair were evaluated on different questions (other labels).
 
     Example::
@@ -49,7 +50,9 @@ def paired_differences(out_dir: str | os.PathLike, results: Sequence[dict], *, m
     rows = []
     for ds in dict.fromkeys(r["dataset"] for r in results):
         for base in against:
-            seeds = sorted(s for (d, m, s) in runs if d == ds and m == method and (ds, base, s) in runs)
+            seeds = sorted(s for (d, m, s) in runs if d == ds and m == method and (ds, base, s) in runs
+                           and all((_run_folder(out_dir, runs[ds, x, s]) / "predictions.safetensors").exists()
+                                   for x in (method, base)))
             if not seeds:
                 continue
             saved = {(m, s): load_file(str(_run_folder(out_dir, runs[ds, m, s]) / "predictions.safetensors"))
