@@ -41,7 +41,6 @@ VERB_OPTIONS = {
 
 
 def _option(p: argparse.ArgumentParser, key: str, verb: str) -> None:
-    demo = verb == "demo"
     spec = {
         "backbone": dict(metavar="NAME", help="'smollm2' (the embedded SmolLM2-135M-Instruct; default), 'tiny' "
                          "(random-weight test model), a hub id 'owner/name' or a local model folder"),
@@ -330,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
               description="Train plain LoRA and ScalaBL on the embedded countries task, evaluate both in "
                           "distribution and on shifted questions, and write results.md, reliability.png and per-run "
                           "JSON to --out.",
-              examples="  scalabl-pyro demo                                     # SmolLM2, 200 steps, seed 0 (~8 min)\n"
+              examples="  scalabl-pyro demo                                     # SmolLM2, 200 steps, seed 0 (~18 min, 2 CPUs)\n"
                        "  scalabl-pyro demo --seeds 0,1,2 --out runs/demo3      # mean ± std over 3 seeds\n"
                        "  scalabl-pyro demo --backbone tiny --steps 2 --quiet   # a smoke run in seconds\n")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")

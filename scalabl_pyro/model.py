@@ -160,14 +160,12 @@ class ScalaBL(LoRAModel):
                                f"{next(iter(net.subspace.sites))!r} (see model.latent_sites)")
         from .priors import centered_prior, isotropic_normal
 
+        # what save_run records; a default prior is rebuilt on load from the same seed's s0
+        self.prior_spec = {"kind": "default", "loc": self.default_prior_loc} if prior is None else prior_to_spec(prior)
         scale = net.config.prior_scale
-        default = isotropic_normal(scale)
         if prior is None and self.default_prior_loc == "s0":
             prior = centered_prior(net.subspace.s0, scale)
-            self.prior_spec = {"kind": "default", "loc": "s0"}  # save_run: rebuilt from the same seed's s0
-        else:
-            self.prior_spec = prior_to_spec(prior)  # what save_run records
-        self.prior = normalize_prior(prior, default=default)
+        self.prior = normalize_prior(prior, default=isotropic_normal(scale))
         self.kl_weight = kl_weight
 
     @property
