@@ -7,7 +7,7 @@
         meta.json               format, step, steps, TrainConfig, fingerprint, loss history, seconds,
                                 KL weight, minibatch position, param shapes and constraints
         params.safetensors      every tensor of Pyro's param store (unconstrained values)
-        state.pt                optimizer + LR-scheduler state per parameter, RNG states (torch, CUDA,
+        state.pt                optimizer + LR-schedule state (by parameter name), RNG states (torch, CUDA,
                                 python, numpy), the minibatch generator's state and the epoch order
                                 (``torch.save`` of plain containers; read back with ``weights_only=True``)
 
@@ -185,8 +185,8 @@ def save_checkpoint(checkpoint_dir, *, step: int, config: TrainConfig, fingerpri
                     kl_weight: float | None = None, history: dict | None = None) -> Path:
     """Write the checkpoint after ``step`` completed steps to ``checkpoint_dir/step-<step>`` atomically.
 
-    Saves the whole param store, ``optim``'s state (a :class:`pyro.optim.PyroOptim`, incl. per-parameter LR
-    scheduler counters), the RNG states, the minibatch ``generator``/``order``/``pos`` and the history; then
+    Saves the whole param store, ``optim``'s ``get_state()`` (a :class:`~scalabl_pyro.optim.FusedAdamW`, or a
+    :class:`pyro.optim.PyroOptim` with its per-parameter LR scheduler counters), the RNG states, the minibatch ``generator``/``order``/``pos`` and the history; then
     deletes older checkpoints and stale temporary directories.
 
     :returns: the new checkpoint's directory.

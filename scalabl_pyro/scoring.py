@@ -110,7 +110,9 @@ class AdaptedLM:
 
         :returns: a dict of tensors; ``labels`` (B,), ``choice_mask`` (B, C) and, for the letter format,
             ``input_ids``/``attention_mask`` (B, L), for the choice format ``ctx_ids``/``ctx_mask`` (B, Lc),
-            ``cont_ids``/``cont_mask`` (B, C, Lk) and ``cont_chars`` (B, C).
+            ``cont_ids``/``cont_mask`` (B, C, Lk), ``cont_chars`` (B, C) and ``cont_index`` (T,): the flat
+            positions in ``(B, C, Lk)`` of the ``T`` real continuation tokens, so that scoring selects them
+            without reading the mask back from the device (boolean-mask indexing would make the host wait).
         """
         if len(examples) == 0:
             raise ValueError("empty batch: the data set has no examples")
@@ -154,6 +156,7 @@ class AdaptedLM:
         cont_ids = torch.full((B, C, lk), pad, dtype=torch.long)
         cont_mask = torch.zeros((B, C, lk), dtype=torch.long)
         cont_chars = torch.ones((B, C))
+        index = []  # flat positions of the real continuation tokens in (B, C, Lk), from the host's lists
         for i, (c, row) in enumerate(zip(ctxs, conts)):
             c = c[-lc:]
             ctx_ids[i, lc - len(c):] = torch.tensor(c)
@@ -162,7 +165,9 @@ class AdaptedLM:
                 cont_ids[i, k, :len(cids)] = torch.tensor(cids)
                 cont_mask[i, k, :len(cids)] = 1
                 cont_chars[i, k] = max(1, len(examples[i].continuations[k]))
-        batch.update(ctx_ids=ctx_ids, ctx_mask=ctx_mask, cont_ids=cont_ids, cont_mask=cont_mask, cont_chars=cont_chars)
+                index.extend(range((i * C + k) * lk, (i * C + k) * lk + len(cids)))
+        batch.update(ctx_ids=ctx_ids, ctx_mask=ctx_mask, cont_ids=cont_ids, cont_mask=cont_mask, cont_chars=cont_chars,
+                     cont_index=torch.tensor(index, dtype=torch.long))
         return batch
 
     # --------------------------------------------------------------- forward
@@ -198,7 +203,8 @@ class AdaptedLM:
             p1 = min(P, p0 + pc)
             parts = []
             for b0 in range(0, B, bc):
-                sub = {k: v[b0:b0 + bc] for k, v in batch.items()}
+                # cont_index addresses the whole batch: a row chunk falls back to the mask
+                sub = {k: v if bc == B else v[b0:b0 + bc] for k, v in batch.items() if k != "cont_index" or bc == B}
                 if s is None:
                     parts.append(self._forward(sub, p1 - p0, use_cache))
                 else:
@@ -248,10 +254,19 @@ class AdaptedLM:
                              use_cache=False).last_hidden_state
             lc = ctx.shape[-1]
             pred = h[:, lc - 1: lc + lk - 1]
-        sel = kmask.bool()
-        logp = torch.log_softmax(self.head(pred[sel]).float(), dim=-1)
-        tok_lp = logp.gather(-1, cont[sel][:, None]).squeeze(-1)
-        scores = torch.zeros(sel.shape, dtype=tok_lp.dtype, device=tok_lp.device).masked_scatter(sel, tok_lp).sum(-1)
+        index = batch.get("cont_index")
+        if index is None:  # a row chunk of a large batch: boolean-mask indexing (one host read of the mask)
+            sel = kmask.bool()
+            logp = torch.log_softmax(self.head(pred[sel]).float(), dim=-1)
+            tok_lp = logp.gather(-1, cont[sel][:, None]).squeeze(-1)
+            scores = torch.zeros(sel.shape, dtype=tok_lp.dtype, device=tok_lp.device).masked_scatter(sel, tok_lp)
+        else:  # the same tokens in the same order, selected by collate's index: no host read
+            n = b * C * lk
+            flat = (index + n * torch.arange(p, device=index.device)[:, None]).reshape(-1)  # particle-major
+            logp = torch.log_softmax(self.head(pred.reshape(-1, pred.shape[-1]).index_select(0, flat)).float(), dim=-1)
+            tok_lp = logp.gather(-1, cont.reshape(-1).index_select(0, flat)[:, None]).squeeze(-1)
+            scores = torch.zeros(p * n, dtype=tok_lp.dtype, device=tok_lp.device).index_put((flat,), tok_lp)
+        scores = scores.view(p * b * C, lk).sum(-1)
         if self.config.normalize == "tokens":
             scores = scores / kmask.sum(-1).clamp(min=1)
         elif self.config.normalize == "chars":

@@ -14,7 +14,7 @@ from conftest import synthetic_examples
 from scalabl_pyro.checkpoint import CheckpointMismatchError, latest_checkpoint, load_checkpoint
 from scalabl_pyro.config import TrainConfig
 from scalabl_pyro.guides import default_guide
-from scalabl_pyro.train import fit
+from scalabl_pyro.train import fit, lr_lambda
 
 # warmup + cosine decay, KL annealing over 9 of the 12 steps, minibatches that cross epochs (24 / 5)
 CFG = TrainConfig(steps=12, batch_size=5, lr=1e-2, guide_lr=3e-2, warmup=0.25, kl_anneal=0.75, seed=3)
@@ -130,9 +130,13 @@ def test_checkpoint_contents(make_model, examples, tmp_path):
     assert set(c.params) == set(pyro.get_param_store().keys()) == set(c.meta["params"])
     assert c.meta["constraints"][f"{guide._pyro_name}.scales.{model.latent_sites[0]}"].startswith("SoftplusPositive")
     assert c.meta["kl_weight"] == pytest.approx(1.0)
-    state = c.state["optim"][f"{guide._pyro_name}.scales.{model.latent_sites[0]}"]
-    assert state["scheduler"]["last_epoch"] == 12  # one optim.step() per fit step
-    assert int(state["optimizer"]["state"][0]["step"]) == 12
+    state = c.state["optim"]  # FusedAdamW's: one optimizer, its tensors' state keyed by their names
+    assert state["format"] == "fused-adamw-1" and sorted(state["names"]) == sorted(c.params)
+    assert state["scheduler"]["last_epoch"] == 12  # one schedule step per fit step
+    i = state["names"].index(f"{guide._pyro_name}.scales.{model.latent_sites[0]}")
+    assert int(state["optimizer"]["state"][i]["step"]) == 12
+    assert [g["lr"] for g in state["optimizer"]["param_groups"]] == pytest.approx(
+        [CFG.lr * lr_lambda(CFG)(12), CFG.guide_lr * lr_lambda(CFG)(12)])
     assert c.state["order"].shape == (24,) and c.pos == 20  # 24 // 5 = 4 steps an epoch: step 12 ends one
 
 
@@ -143,7 +147,7 @@ def test_checkpoint_at_step_k_contains_step_k(make_model, examples, tmp_path):
             callback=_stop_at(4))
     c = load_checkpoint(tmp_path)
     assert c.step == 3 and len(c.losses) == 3 and c.meta["kl_weight"] == pytest.approx(CFG.kl_weight * 3 / 9)
-    assert c.state["optim"][f"{guide._pyro_name}.locs.{model.latent_sites[0]}"]["scheduler"]["last_epoch"] == 3
+    assert c.state["optim"]["scheduler"]["last_epoch"] == 3
 
 
 def test_interrupted_write_keeps_the_previous_checkpoint(make_model, examples, tmp_path, monkeypatch):
@@ -241,7 +245,7 @@ def test_finished_checkpoint_returns_without_training(make_model, examples, tmp_
     def no_step(*args, **kwargs):
         raise AssertionError("trained")
 
-    monkeypatch.setattr(train_mod.SVI, "step", no_step)
+    monkeypatch.setattr(train_mod, "elbo_loss", no_step)
     model, guide = _build(make_model, "scalabl")
     with caplog.at_level(logging.INFO, logger="scalabl_pyro.train"):
         res = fit(model, guide, examples, config=CFG, progress=False, checkpoint_dir=tmp_path,

@@ -48,6 +48,27 @@ def test_collate_choice_lengths(make_net):
     assert batch["cont_ids"].shape == (4, 3, 6)
 
 
+def test_collate_cont_index_lists_the_real_tokens(make_net):
+    batch = make_net("choice").collate(synthetic_examples(4))
+    assert batch["cont_index"].tolist() == batch["cont_mask"].reshape(-1).nonzero().squeeze(1).tolist()
+
+
+@pytest.mark.parametrize("prefix_cache", [True, False])
+def test_cont_index_path_equals_mask_path(make_net, prefix_cache):
+    """Selecting tokens by collate's index (no host read) gives the mask path's logits and gradients, bit for bit."""
+    net = make_net("choice", prefix_cache=prefix_cache)
+    randomize_lora(net)
+    batch = net.collate(synthetic_examples(4))
+    outs = []
+    for b in (batch, {k: v for k, v in batch.items() if k != "cont_index"}):
+        s = {k: v.clone().requires_grad_() for k, v in random_s(net, 3).items()}
+        logits = net.logits(b, s=s)
+        logits.logsumexp(-1).sum().backward()
+        outs.append((logits.detach(), [v.grad for v in s.values()]))
+    assert torch.equal(outs[0][0], outs[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(outs[0][1], outs[1][1]))
+
+
 def test_letter_truncates_from_the_left(make_net):
     net = make_net("letter", max_length=16)
     batch = net.collate(synthetic_examples(2))

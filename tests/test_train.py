@@ -203,14 +203,14 @@ def test_kl_weight_scales_guide_too(make_model, examples, monkeypatch):
     model = make_model("letter")
     guide = default_guide(model)
     scales = []
-    original = train_mod.SVI.step
+    original = train_mod.elbo_loss
 
-    def step(self, *args, **kwargs):
-        gtr = pyro.poutine.trace(self.guide).get_trace(*args, **kwargs)
+    def elbo_loss(elbo, model_, guide_, *args, **kwargs):
+        gtr = pyro.poutine.trace(guide_).get_trace(*args, **kwargs)
         scales.append(gtr.nodes[model.latent_sites[0]]["scale"])
-        return original(self, *args, **kwargs)
+        return original(elbo, model_, guide_, *args, **kwargs)
 
-    monkeypatch.setattr(train_mod.SVI, "step", step)
+    monkeypatch.setattr(train_mod, "elbo_loss", elbo_loss)
     fit(model, guide, examples, config=TrainConfig(steps=2, batch_size=4, kl_weight=0.3), progress=False)
     assert scales == pytest.approx([0.3, 0.3])
 
@@ -269,20 +269,20 @@ def test_fit_without_examples(make_model):
 
 
 def _nan_after(n):
-    original = train_mod.SVI.step
+    original = train_mod.elbo_loss
     calls = []
 
-    def step(self, *args, **kwargs):
+    def elbo_loss(*args, **kwargs):
         calls.append(1)
-        loss = original(self, *args, **kwargs)
-        return float("nan") if len(calls) > n else loss
+        loss, surrogate = original(*args, **kwargs)
+        return (loss * float("nan") if len(calls) > n else loss), surrogate
 
-    return step
+    return elbo_loss
 
 
 def test_non_finite_elbo_raises(make_model, examples, monkeypatch):
     model = make_model("letter")
-    monkeypatch.setattr(train_mod.SVI, "step", _nan_after(2))
+    monkeypatch.setattr(train_mod, "elbo_loss", _nan_after(2))
     seen = []
     with pytest.raises(FloatingPointError, match="step 2"):
         fit(model, default_guide(model), examples, config=TrainConfig(steps=5, batch_size=4), progress=False,
@@ -292,7 +292,7 @@ def test_non_finite_elbo_raises(make_model, examples, monkeypatch):
 
 def test_kl_weight_restored_after_failure(make_model, examples, monkeypatch):
     model = make_model("letter")
-    monkeypatch.setattr(train_mod.SVI, "step", _nan_after(1))
+    monkeypatch.setattr(train_mod, "elbo_loss", _nan_after(1))
     with pytest.raises(FloatingPointError):
         fit(model, default_guide(model), examples, config=TrainConfig(steps=10, batch_size=4, kl_anneal=1.0),
             progress=False)
