@@ -287,8 +287,8 @@ def build_lora(lm, tok, config):
     return net, step
 
 
-def build_scalabl(lm, tok, config, num_data, batch_examples):
-    """ScalaBL model + default guide; returns (net, model, guide, svi_step, sched_step, torch_step)."""
+def build_scalabl(lm, tok, config, num_data, batch_examples, layout="modules"):
+    """ScalaBL model (``layout``) + default guide; returns (net, model, guide, svi_step, sched_step, torch_step)."""
     import pyro
     from pyro.infer import SVI, Trace_ELBO
 
@@ -299,7 +299,7 @@ def build_scalabl(lm, tok, config, num_data, batch_examples):
     from scalabl_pyro.train import make_elbo, make_optimizer
 
     net = AdaptedLM(lm, tok, label_words="ABCD", config=config, subspace=True)
-    model = ScalaBL(net, num_data=num_data)
+    model = ScalaBL(net, num_data=num_data, layout=layout)
     guide = default_guide(model)
     tcfg = TrainConfig()
     optim = make_optimizer(tcfg, model_prefix=model.name)

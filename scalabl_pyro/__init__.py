@@ -33,10 +33,11 @@ from .metrics import (
     reliability_panels,
     uncertainty_decomposition,
 )
-from .model import LoRAModel, ParamStoreConflictError, ScalaBL, count_parameters, register_adapters
+from .model import LAYOUTS, MODULES_PLATE, LoRAModel, ParamStoreConflictError, ScalaBL, count_parameters, register_adapters
+from .optim import FusedAdamW, elbo_loss
 from .predictive import Prediction, predict
 from .priors import (LayerScalePrior, centered_prior, isotropic_normal, laplace_prior, normalize_prior, prior_from_spec,
-                     prior_to_spec, student_t_prior)
+                     prior_to_spec, stack_priors, student_t_prior)
 from .scoring import AdaptedLM
 from .tasks import country_task
 from .train import FitResult, empty_guide, fit, make_elbo, make_optimizer
@@ -46,13 +47,13 @@ __version__ = "0.2.0"
 
 __all__ = [
     "AdaptedLM", "CheckpointMismatchError", "ConvergenceWarning", "DEFAULT_BACKBONE", "Example", "FitResult", "GUIDES", "HeldoutCurve",
-    "LayerScalePrior",
+    "FusedAdamW", "LAYOUTS", "LayerScalePrior", "MODULES_PLATE",
     "LoRAModel", "ParamStoreConflictError", "Prediction", "RunExistsError", "SITE_PREFIX", "ScalaBL", "ScalaBLConfig",
     "Subspace", "TaskData", "TrainConfig", "add_lora", "apply_temperature", "available_datasets", "calibrate",
     "centered_prior", "char_tokenizer", "check_fresh_guide", "classification_metrics", "count_parameters",
-    "country_task", "default_guide", "empty_guide", "export_peft", "fit", "fit_temperature", "format_table",
+    "country_task", "default_guide", "elbo_loss", "empty_guide", "export_peft", "fit", "fit_temperature", "format_table",
     "guide_spec", "heldout_curves_plot", "init_to_s0", "isotropic_normal", "laplace_posterior", "laplace_prior", "load_backbone", "load_run",
     "load_task", "load_user_task", "make_elbo", "make_guide", "make_optimizer", "normalize_prior", "ood_auroc",
     "paired_bootstrap", "predict", "prior_from_spec", "prior_to_spec", "register_adapters", "reliability_diagram", "reliability_panels",
-    "save_run", "site_name", "student_t_prior", "task_from_records", "tiny_llama", "uncertainty_decomposition",
+    "save_run", "site_name", "stack_priors", "student_t_prior", "task_from_records", "tiny_llama", "uncertainty_decomposition",
 ]

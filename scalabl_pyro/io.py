@@ -173,7 +173,9 @@ def load_run(path: str | os.PathLike, *, backbone=None, example_batch=None, devi
     config = ScalaBLConfig.from_dict(run["config"])
     net = AdaptedLM(lm, tok, label_words=run["label_words"], config=config, subspace=rec["subspace"],
                     seed=run["seed"])
-    kw = dict(rec["options"]) if not rec["subspace"] else {"prior": _saved_prior(run["prior"], config, prior)}
+    kw = dict(rec["options"])  # e.g. ScalaBL's layout (runs saved before it existed: the default layout)
+    if rec["subspace"]:
+        kw["prior"] = _saved_prior(run["prior"], config, prior)
     model = cls(net, name=name or _free_name(rec["name"]), **kw)
     _load_adapter(net.peft_model, path / "adapter" / "adapter_model.safetensors")
     if hasattr(model, "load_extra_state"):

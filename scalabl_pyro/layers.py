@@ -196,10 +196,12 @@ class Subspace:
             s = self._values[site]
             if self.latent == "A":
                 return self._apply_A(site, args[0], s, out)
-            s = s.reshape(-1, s.shape[-1]).to(device=out.device, dtype=out.dtype)
+            if s.dim() != 2:
+                s = s.reshape(-1, s.shape[-1])
+            s = s.to(device=out.device, dtype=out.dtype)
             p = s.shape[0]
-            if p == 1:
-                return out * s[0]
+            if p == 1:  # (1, r) broadcasts against (..., r): no select, one op less (and its backward)
+                return out * s
             if out.shape[0] % p:
                 raise RuntimeError(f"{site}: batch of {out.shape[0]} rows is not a multiple of {p} particles")
             shape = (p, out.shape[0] // p) + out.shape[1:]

@@ -64,10 +64,11 @@ class BLoB(ScalaBL):
 
     default_prior_loc = "zero"
 
-    def __init__(self, net: AdaptedLM, *, prior=None, num_data=None, name: str = "blob", kl_weight: float = 1.0):
+    def __init__(self, net: AdaptedLM, *, prior=None, num_data=None, name: str = "blob", kl_weight: float = 1.0,
+                 layout: str = "modules"):
         if net.subspace is None or net.subspace.latent != "A":
             raise ValueError("BLoB needs an AdaptedLM built with subspace='A'")
-        super().__init__(net, prior=prior, num_data=num_data, name=name, kl_weight=kl_weight)
+        super().__init__(net, prior=prior, num_data=num_data, name=name, kl_weight=kl_weight, layout=layout)
 
 
 def lora_parameter_count(net: AdaptedLM) -> int:
@@ -170,8 +171,8 @@ def laplace_guide(model: ScalaBL, map_guide: AutoLaplaceApproximation, examples:
     def neg_log_prior(z):
         vals = {s["name"]: v for s, v in map_guide._unpack_latent(z)}
         total = 0.0
-        for site, info in model.net.subspace.sites.items():
-            total = total - model.prior(site, info.layer, info.event_shape).log_prob(vals[site]).sum()
+        for site in model.latent_sites:
+            total = total - model.site_prior(site).log_prob(vals[site]).sum()
         return total
 
     with poutine.block():
@@ -232,9 +233,9 @@ def fit_bayesadapt_recipe(model: ScalaBL, guide, examples: Sequence, *, config: 
         nll.backward()
         nll_opt.step()
         kl = 0.0
-        for site, info in model.net.subspace.sites.items():
+        for site in model.latent_sites:
             loc, scale = guide._get_loc_and_scale(site)
-            p = model.prior(site, info.layer, info.event_shape)
+            p = model.site_prior(site)
             kl = kl + kl_divergence(p, dist.Normal(loc, scale).to_event(1)).sum()
         pi = 2 ** (step % M + 1) / (2 ** (M + 1) - 1)
         for g in kl_opt.param_groups:

@@ -31,15 +31,18 @@ def posterior_scales(model, guide, batch, *, num_samples: int = 200) -> dict[str
     with torch.no_grad():
         samples = Predictive(guide, num_samples=num_samples, return_sites=sites)(batch, batch["labels"])
     out = {}
-    for site in sites:
-        s = samples[site].reshape(num_samples, -1)
-        info = model.net.subspace.sites[site]
-        prior = model.prior(site, info.layer, info.event_shape)
+    for site in sites:  # the vectorized layout's (M, r) site is reported module by module
+        rows = model.module_values({site: samples[site]}) if site == getattr(model, "vector_site", None) else {
+            site: samples[site]}
         try:
-            prior_std = float(prior.variance.sqrt().mean())
+            var = model.site_prior(site).variance
+            prior_std = dict(zip(rows, var.sqrt().reshape(len(rows), -1).mean(-1).tolist()))
         except (NotImplementedError, AttributeError):
-            prior_std = float("nan")
-        out[site] = {"mean_abs": float(s.mean(0).abs().mean()), "std": float(s.std(0).mean()), "prior_std": prior_std}
+            prior_std = dict.fromkeys(rows, float("nan"))
+        for name, v in rows.items():
+            s = v.reshape(num_samples, -1)
+            out[name] = {"mean_abs": float(s.mean(0).abs().mean()), "std": float(s.std(0).mean()),
+                         "prior_std": prior_std[name]}
     return out
 
 

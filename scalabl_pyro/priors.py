@@ -32,7 +32,7 @@ import torch
 from pyro.distributions import constraints
 
 __all__ = ["normalize_prior", "isotropic_normal", "centered_prior", "laplace_prior", "student_t_prior",
-           "LayerScalePrior", "PriorSpec", "prior_to_spec", "prior_from_spec"]
+           "LayerScalePrior", "PriorSpec", "prior_to_spec", "prior_from_spec", "stack_priors"]
 
 PriorFn = Callable[[str, torch.nn.Module], dist.Distribution]
 PriorSpec = Union[None, dist.Distribution, Mapping[str, dist.Distribution], PriorFn]
@@ -196,6 +196,42 @@ def normalize_prior(prior: PriorSpec, *, default: PriorFn | None = None) -> Call
 
     fn.fixed = fixed
     return fn
+
+
+def _flat(d: dist.Distribution, site: str) -> tuple[type, dict]:
+    """``(class, {parameter: tensor of the full event shape})`` of a prior with event shape ``(r,)``/``(r, in)``."""
+    base, shape = d, tuple(d.event_shape)
+    while isinstance(base, (dist.Independent, dist.ExpandedDistribution)):
+        base = base.base_dist
+    names = [k for k in base.arg_constraints if isinstance(vars(base).get(k), torch.Tensor)]
+    if not names or tuple(base.event_shape) != ():
+        raise ValueError(f"layout='vectorized' cannot stack the prior of {site!r} ({type(d).__name__} over "
+                         f"{type(base).__name__}): use a prior made of elementwise distributions with tensor "
+                         "parameters (Normal, Laplace, StudentT...), or layout='modules'")
+    return type(base), {k: torch.broadcast_to(vars(base)[k], shape) for k in names}
+
+
+def stack_priors(priors: Mapping[str, dist.Distribution]) -> dist.Distribution:
+    """One distribution of batch shape ``(M,)`` and the sites' event shape from ``M`` per-site priors of one family.
+
+    The vectorized layout's prior: ``stack_priors({site: prior})`` evaluates ``log_prob`` of an ``(M, r)`` value
+    row by row as the per-site priors would (tests/test_priors.py checks it).
+
+    Example::
+
+        d = stack_priors({"a.s": dist.Normal(torch.zeros(4), 1.).to_event(1), "b.s": dist.Normal(2., 3.).expand([4]).to_event(1)})
+        d.batch_shape, d.event_shape  # (2,), (4,)
+    """
+    flats = {site: _flat(d, site) for site, d in priors.items()}
+    kinds = {(cls, tuple(sorted(args))) for cls, args in flats.values()}
+    if len(kinds) > 1:
+        found = sorted({cls.__name__ for cls, _ in flats.values()})
+        raise ValueError(f"layout='vectorized' stacks one prior family for all modules, but the priors are {found}; "
+                         "give every module the same family, or use layout='modules'")
+    cls, names = next(iter(kinds))
+    ndim = next(iter(priors.values())).event_shape.__len__()
+    args = {k: torch.stack([flats[site][1][k] for site in priors]) for k in names}
+    return cls(**args).to_event(ndim)
 
 
 # ------------------------------------------------------------------------------------ save and load

@@ -290,3 +290,94 @@ def test_replaying_guide_model_runs_the_backbone(make_model):
     direct = poutine.trace(poutine.replay(model, trace=gtr)).get_trace(batch, batch["labels"])
     torch.testing.assert_close(mtr.nodes["obs"]["fn"].logits, direct.nodes["obs"]["fn"].logits)
     assert mtr.nodes["obs"]["fn"].logits.abs().sum() > 0  # not the zero logits of a shape pass
+
+
+# ------------------------------------------------------------------------------ the vectorized layout
+def _pair(make_net, prior=None, **cfg):
+    """The same network (same seed, same s0) as a per-module and as a vectorized ScalaBL."""
+    a = ScalaBL(make_net("choice", **cfg), prior=prior, num_data=20)
+    b = ScalaBL(make_net("choice", **cfg), prior=prior, num_data=20, layout="vectorized", name="vec")
+    return a, b
+
+
+def test_vectorized_layout_has_one_site_in_a_modules_plate(make_net):
+    per, vec = _pair(make_net)
+    M, r = len(per.latent_sites), 4
+    assert vec.latent_sites == ["lora.s"] and vec.module_sites == per.latent_sites and vec.latent_dim == M * r
+    batch = vec.net.collate(synthetic_examples(3))
+    tr = poutine.trace(vec).get_trace(batch, batch["labels"])
+    latent = [n for n, s in tr.nodes.items() if s["type"] == "sample" and not s["is_observed"]
+              and not site_is_subsample(s)]
+    assert latent == ["lora.s"]
+    site = tr.nodes["lora.s"]
+    assert site["value"].shape == (M, r) and site["fn"].batch_shape == (M,) and site["fn"].event_shape == (r,)
+    assert [f.name for f in site["cond_indep_stack"]] == ["lora.modules"]
+    assert torch.equal(vec.s0_values()["lora.s"], torch.stack([per.s0_values()[k] for k in per.latent_sites]))
+    with pytest.raises(ValueError, match="layout='nope' is not one of"):
+        ScalaBL(make_net("choice"), layout="nope")
+
+
+@pytest.mark.parametrize("prior", [None, "laplace", "dict"])
+def test_vectorized_layout_equals_per_module_layout(make_net, prior):
+    """Conditioned on the same s: the same log joint (prior + likelihood) and the same class probabilities."""
+    from scalabl_pyro.priors import laplace_prior
+
+    ref = _make_sites(make_net)
+    if prior == "laplace":
+        prior = laplace_prior(0.7)
+    elif prior == "dict":  # one module gets its own scale
+        prior = {ref[0]: pyro.distributions.Normal(0.5, 2.0)}
+    per, vec = _pair(make_net, prior=prior)
+    randomize_lora(per.net)
+    randomize_lora(vec.net)
+    s = {k: v[0] for k, v in random_s(per.net, 1).items()}
+    batch = per.net.collate(synthetic_examples(4))
+    t1 = poutine.trace(poutine.condition(per, data=s)).get_trace(batch, batch["labels"])
+    stacked = {"lora.s": torch.stack([s[k] for k in per.latent_sites])}
+    t2 = poutine.trace(poutine.condition(vec, data=stacked)).get_trace(batch, batch["labels"])
+    torch.testing.assert_close(t2.log_prob_sum(), t1.log_prob_sum(), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(t2.nodes["probs"]["value"], t1.nodes["probs"]["value"], rtol=0, atol=0)
+    torch.testing.assert_close(vec.log_prior(stacked), per.log_prior(s), rtol=1e-6, atol=1e-5)
+    assert set(vec.module_values(stacked)) == set(s)
+
+
+def _make_sites(make_net):
+    return ScalaBL(make_net("choice")).latent_sites
+
+
+def test_vectorized_layout_refuses_mixed_prior_families(make_net):
+    sites = _make_sites(make_net)
+    model = ScalaBL(make_net("choice"), prior={sites[0]: pyro.distributions.Laplace(0.0, 1.0)}, layout="vectorized")
+    batch = model.net.collate(synthetic_examples(2))
+    with pytest.raises(ValueError, match="one prior family for all modules"):
+        model(batch, batch["labels"])
+
+
+@pytest.mark.parametrize("guide_name", ["normal", "delta", "lowrank", "iaf"])
+@pytest.mark.parametrize("elbo", ["trace", "meanfield"])
+def test_vectorized_layout_trains_with_every_guide_without_warnings(make_net, guide_name, elbo):
+    from scalabl_pyro.guides import make_guide
+    from scalabl_pyro.train import make_elbo
+    from scalabl_pyro.config import TrainConfig
+
+    if elbo == "meanfield" and guide_name in ("lowrank", "iaf"):
+        pytest.skip("TraceMeanField_ELBO needs a mean-field guide")
+    model = ScalaBL(make_net("choice"), num_data=20, layout="vectorized")
+    guide = make_guide(guide_name, model)
+    batch = model.net.collate(synthetic_examples(4))
+    with strict_warnings():
+        svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), make_elbo(TrainConfig(elbo=elbo)))
+        losses = [svi.step(batch, batch["labels"]) for _ in range(2)]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    from pyro.infer import Predictive
+
+    out = Predictive(model, guide=guide, num_samples=3, parallel=True, return_sites=["probs", "lora.s"])(batch)
+    assert out["probs"].shape == (3, 4, 3) and out["lora.s"].shape == (3, len(model.module_sites), 4)
+
+
+def test_public_api_exports_layout_and_fused_optimizer():
+    import scalabl_pyro
+    missing = [n for n in scalabl_pyro.__all__ if not hasattr(scalabl_pyro, n)]
+    assert not missing
+    assert {"LAYOUTS", "MODULES_PLATE", "stack_priors", "FusedAdamW", "elbo_loss"} <= set(scalabl_pyro.__all__)
+    assert scalabl_pyro.LAYOUTS == ("modules", "vectorized")

@@ -203,3 +203,18 @@ def test_default_prior_is_centred_at_s0(make_model):
         assert _all(base.scale, model.net.config.prior_scale)
         x = tr.nodes[site]["value"]
         torch.testing.assert_close(tr.nodes[site]["fn"].log_prob(x), dist.Normal(s0[site], 1.0).log_prob(x).sum())
+
+
+def test_stack_priors_evaluates_row_by_row():
+    import pyro.distributions as dist
+
+    from scalabl_pyro.priors import stack_priors
+
+    priors = {"a.s": dist.Normal(torch.arange(4.0), 1.0).to_event(1), "b.s": dist.Normal(2.0, 3.0).expand([4]).to_event(1)}
+    d = stack_priors(priors)
+    assert d.batch_shape == (2,) and d.event_shape == (4,)
+    x = torch.randn(2, 4)
+    want = torch.stack([priors["a.s"].log_prob(x[0]), priors["b.s"].log_prob(x[1])])
+    torch.testing.assert_close(d.log_prob(x), want)
+    with pytest.raises(ValueError, match="one prior family"):
+        stack_priors({"a.s": priors["a.s"], "b.s": dist.Laplace(0.0, 1.0).expand([4]).to_event(1)})
