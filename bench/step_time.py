@@ -12,9 +12,13 @@ What it measures (medians over ``--repeats`` timed steps; warmup steps excluded;
                     ``Trace_ELBO(max_plate_nesting=1).differentiable_loss`` + one fused AdamW over
                     ``net.trainable_parameters() + guide.parameters()``. ``svi - torch`` isolates the
                     Pyro optimizer (one AdamW + clipping per parameter tensor) from the model itself.
+* ``scalabl_fit``   the step ``train.fit`` takes: ``elbo_loss`` (ELBO summed on the device) + ``FusedAdamW``
+                    (one fused AdamW in two groups, per-tensor clipping in one pass, LR schedule), one host
+                    read; on its own backbone copy.
+* ``vectorized_fit`` the same step on ``ScalaBL(net, layout="vectorized")`` (one plated site ``lora.s``).
 
-The three variants run in the same process on two separate backbone copies (plain LoRA on one,
-ScalaBL on a freshly loaded one) and are interleaved within each repeat, with a rotating order,
+The variants run in the same process on separate backbone copies (plain LoRA on one, the SVI/torch
+ScalaBL steps on a second, each fit variant on its own) and are interleaved within each repeat, with a rotating order,
 so drift (thermal, other load) hits them alike.
 
 Peak memory: each variant also runs in its own fresh subprocess (``--variant``). After the model
@@ -270,6 +274,8 @@ def _reset_peak() -> bool:
 
 
 # ------------------------------------------------------------------------------------------ variants
+VARIANTS = ("lora", "scalabl_svi", "scalabl_torch", "scalabl_fit", "vectorized_fit")
+
 def build_lora(lm, tok, config):
     from scalabl_pyro.scoring import AdaptedLM
 
@@ -327,6 +333,36 @@ def build_scalabl(lm, tok, config, num_data, batch_examples, layout="modules"):
     return net, model, guide, svi_step, sched_step, torch_step
 
 
+def build_fit_step(lm, tok, config, num_data, batch_examples, layout="modules"):
+    """The step ``train.fit`` takes (:func:`elbo_loss` + :class:`FusedAdamW`, one host read) on its own model."""
+    from pyro import poutine
+
+    from scalabl_pyro.config import TrainConfig
+    from scalabl_pyro.guides import default_guide
+    from scalabl_pyro.model import ScalaBL
+    from scalabl_pyro.optim import FusedAdamW, elbo_loss
+    from scalabl_pyro.scoring import AdaptedLM
+    from scalabl_pyro.train import make_elbo
+
+    net = AdaptedLM(lm, tok, label_words="ABCD", config=config, subspace=True)
+    model = ScalaBL(net, num_data=num_data, layout=layout)
+    guide = default_guide(model)
+    tcfg = TrainConfig()
+    optim, elbo = FusedAdamW(tcfg, model_prefix=model.name), make_elbo(tcfg)
+    batch = net.collate(batch_examples)
+    with torch.no_grad():
+        guide(batch, batch["labels"], num_data=num_data)
+
+    def fit_step(b):
+        with poutine.trace(param_only=True) as params:
+            loss, surrogate = elbo_loss(elbo, model, guide, b, b["labels"], num_data=num_data)
+        surrogate.backward()
+        optim.step(params.trace)
+        return float(loss)
+
+    return net, fit_step
+
+
 def _config(scoring="letter"):
     from scalabl_pyro.config import ScalaBLConfig
 
@@ -344,6 +380,9 @@ def run_variant(args) -> dict:
     lm, tok = load(args.backbone)
     if args.variant == "lora":
         net, step = build_lora(lm, tok, _config())
+    elif args.variant.endswith("_fit"):
+        layout = "vectorized" if args.variant.startswith("vectorized") else "modules"
+        net, step = build_fit_step(lm, tok, _config(), args.num_data, examples, layout=layout)
     else:
         net, _, _, svi_step, sched_step, torch_step = build_scalabl(lm, tok, _config(), args.num_data, examples)
         step = (lambda b: (svi_step(b), sched_step())) if args.variant == "scalabl_svi" else torch_step
@@ -376,7 +415,7 @@ def run_variant(args) -> dict:
 
 def measure_memory(args) -> dict:
     out = {}
-    for variant in ("lora", "scalabl_svi", "scalabl_torch"):
+    for variant in VARIANTS:
         cmd = [sys.executable, os.path.abspath(__file__), "--variant", variant, "--backbone", args.backbone,
                "--batch-size", str(args.batch_size), "--seed", str(args.seed), "--num-data", str(args.num_data),
                "--mem-steps", str(args.mem_steps), "--device", str(_DEVICE)]
@@ -389,10 +428,12 @@ def measure_memory(args) -> dict:
 
 
 # ------------------------------------------------------------------------------------ timing (main)
-def time_steps(args, lora_step, scalabl_svi, sched_step, scalabl_torch, batch_ref, batch_sbl) -> dict:
+def time_steps(args, lora_step, scalabl_svi, sched_step, scalabl_torch, batch_ref, batch_sbl, fits=()) -> dict:
+    """``fits``: extra ``(name, step, batch)`` variants (the fit step per layout), interleaved with the rest."""
     runs = [("lora", lambda: lora_step(batch_ref)),
             ("scalabl_svi", lambda: scalabl_svi(batch_sbl)),
             ("scalabl_torch", lambda: scalabl_torch(batch_sbl))]
+    runs += [(name, (lambda f, b: lambda: f(b))(f, b)) for name, f, b in fits]
     times = {name: [] for name, _ in runs}
     times["scheduler"] = []
     for i in range(args.warmup + args.repeats):
@@ -421,9 +462,10 @@ def _stub_logits(net):
     Timing the training steps with it measures what ScalaBL adds around the backbone (Pyro tracing, guide,
     ELBO, optimizer), a number that other processes on the CPU disturb far less than whole steps.
     """
-    from scalabl_pyro.layers import lora_layers
+    from scalabl_pyro.layers import lora_layers, site_name
 
-    layers = [(name + ".s", m.lora_A["default"], m.lora_B["default"]) for name, m in lora_layers(net.peft_model).items()]
+    layers = [(site_name(name), m.lora_A["default"], m.lora_B["default"])
+              for name, m in lora_layers(net.peft_model).items()]
 
     def logits(batch, *, s=None, prefix_cache=None):
         B, C = batch["labels"].shape[0], net.num_classes
@@ -535,7 +577,7 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="also cProfile N ScalaBL SVI steps and print the top functions")
     ap.add_argument("--device", default="cpu", help='"cpu" (default), "cuda" or "auto"')
-    ap.add_argument("--variant", choices=("lora", "scalabl_svi", "scalabl_torch"), help=argparse.SUPPRESS)
+    ap.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     global _DEVICE
     from scalabl_pyro.backbones import resolve_device
@@ -562,6 +604,12 @@ def main(argv=None) -> int:
     net_ref, lora_step = build_lora(lm1, tok1, _config())
     lm2, tok2 = load(args.backbone)  # fresh copy for ScalaBL
     net, model, guide, svi_step, sched_step, torch_step = build_scalabl(lm2, tok2, _config(), args.num_data, examples)
+    fit_nets, fits = {}, []
+    for name, layout in (("scalabl_fit", "modules"), ("vectorized_fit", "vectorized")):
+        lm_f, tok_f = load(args.backbone)  # each fit variant trains its own copy
+        net_f, step_f = build_fit_step(lm_f, tok_f, _config(), args.num_data, examples, layout=layout)
+        fit_nets[name] = net_f
+        fits.append((name, step_f, net_f.collate(examples)))
     load_s = phases["build"] = time.perf_counter() - t0
     batch_ref, batch = net_ref.collate(examples), net.collate(examples)
     ntok = batch["attention_mask"].sum(-1)
@@ -573,12 +621,12 @@ def main(argv=None) -> int:
           f"min/median/max={int(ntok.min())}/{int(ntok.median())}/{int(ntok.max())} (padded to {batch['input_ids'].shape[1]})"
           f"  threads={torch.get_num_threads()}  torch={torch.__version__}  pyro={pyro.__version__}  device={_DEVICE}"
           + (f" ({torch.cuda.get_device_name(_DEVICE)})" if _DEVICE.type == "cuda" else ""))
-    print(f"# build (2 backbone loads + adapters) {load_s:.1f} s; timing {args.repeats} steps/variant after "
+    print(f"# build (4 backbone loads + adapters) {load_s:.1f} s; timing {args.repeats} steps/variant after "
           f"{args.warmup} warmup, interleaved with rotating order", flush=True)
 
     t0 = time.perf_counter()
     snap = cpu_snapshot()
-    times = time_steps(args, lora_step, svi_step, sched_step, torch_step, batch_ref, batch)
+    times = time_steps(args, lora_step, svi_step, sched_step, torch_step, batch_ref, batch, fits)
     other_cpus = foreign_cpu(snap, cpu_snapshot())
     phases["steps"] = time.perf_counter() - t0
     med = {k: median_ms(v) for k, v in times.items()}
@@ -591,12 +639,19 @@ def main(argv=None) -> int:
         "paired scalabl_svi/lora": paired("scalabl_svi", "lora"),
         "min scalabl_svi/lora": min(times["scalabl_svi"]) / min(times["lora"]),
         "min scalabl_torch/lora": min(times["scalabl_torch"]) / min(times["lora"]),
+        "scalabl_fit/lora": med["scalabl_fit"] / med["lora"],
+        "vectorized_fit/lora": med["vectorized_fit"] / med["lora"],
+        "paired scalabl_fit/lora": paired("scalabl_fit", "lora"),
+        "paired vectorized_fit/lora": paired("vectorized_fit", "lora"),
+        "min vectorized_fit/lora": min(times["vectorized_fit"]) / min(times["lora"]),
     }
     notes = {
         "scalabl_svi/lora": "ratio of medians; target <= 1.03 (official ScalaBL: 1.07)",
         "paired scalabl_svi/lora": "median over repeats of the within-repeat ratio",
         "min scalabl_svi/lora": "ratio of fastest steps; robust when other processes share the CPU",
         "scalabl_svi/scalabl_torch": "Pyro optimizer overhead (per-tensor AdamW + clipping)",
+        "scalabl_fit/lora": "train.fit's step (elbo_loss + FusedAdamW), per-module sites",
+        "vectorized_fit/lora": "train.fit's step, ScalaBL(layout='vectorized'): one plated site",
     }
     print("\n## Training step time (median ms)\n")
     print(table(["variant", "median ms", "min ms", "max ms"], [
@@ -605,9 +660,11 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     snap = cpu_snapshot()
-    ovh = time_overhead(args, [net_ref, net], {
+    ovh = time_overhead(args, [net_ref, net, *fit_nets.values()], {
         "lora": lora_step, "scalabl_svi": svi_step, "scalabl_torch": torch_step, "scheduler": lambda b: sched_step(),
-    }, {"lora": batch_ref, "scalabl_svi": batch, "scalabl_torch": batch, "scheduler": batch})
+        **{name: f for name, f, _ in fits},
+    }, {"lora": batch_ref, "scalabl_svi": batch, "scalabl_torch": batch, "scheduler": batch,
+        **{name: b for name, _, b in fits}})
     other_cpus_ovh = foreign_cpu(snap, cpu_snapshot())
     phases["stubbed"] = time.perf_counter() - t0
     ovh_med = {k: median_ms(v) for k, v in ovh.items()}
@@ -651,13 +708,16 @@ def main(argv=None) -> int:
         print(f"\nmethod: {mem['lora']['peak_method']}; growth = peak - RSS after model load "
               f"({args.mem_steps} steps incl. the first, which allocates the optimizer state)")
         lo = mem["lora"]
-        for v in ("scalabl_svi", "scalabl_torch"):
+        for v in VARIANTS[1:]:
             ratios[f"peak_{'gpu' if _DEVICE.type == 'cuda' else 'rss'} {v}/lora"] = mem[v]["peak_kb"] / lo["peak_kb"]
             ratios[f"rss_growth {v}/lora"] = mem[v]["growth_kb"] / max(1, lo["growth_kb"])
 
     ratios["est. scalabl_svi/lora"] = 1 + (ovh_med["scalabl_svi"] + ovh_med["scheduler"] - ovh_med["lora"]) / min(
         med["lora"], 1e3 * min(times["lora"]))
     notes["est. scalabl_svi/lora"] = "1 + stubbed-backbone extra (svi+sched) / fastest LoRA step"
+    for v in ("scalabl_fit", "vectorized_fit"):
+        ratios[f"est. {v}/lora"] = 1 + (ovh_med[v] - ovh_med["lora"]) / min(med["lora"], 1e3 * min(times["lora"]))
+        notes[f"est. {v}/lora"] = "1 + stubbed-backbone extra / fastest LoRA step"
     ratios["predictive parallel speedup"] = pred["speedup"]
     print("\n## RATIOS\n")
     print(table(["ratio", "value", "note"], [(k, f"{v:.3f}", notes.get(k, "")) for k, v in ratios.items()]))

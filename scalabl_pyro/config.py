@@ -85,7 +85,9 @@ class ScalaBLConfig(_JsonConfig):
         key/value cache for every choice (``False``: one full sequence per choice).
     :param prior_scale: scale of the default prior, ``Normal(s0, prior_scale)`` on every ``s`` coordinate.
     :param max_length: longest tokenized prompt; longer ones are cut from the left.
-    :param max_forward_batch: most sequences per backbone call; bigger folded batches are chunked.
+    :param max_forward_batch: most sequences per backbone call; bigger folded batches are chunked (by particles;
+        with a shared trunk, :mod:`scalabl_pyro.trunk`, by questions with every particle in each chunk, so the
+        bound holds for the layers above the split and the trunk runs once per question).
 
     Example::
 

@@ -288,9 +288,11 @@ def export_peft(path: str | os.PathLike, model: LoRAModel, guide=None) -> Path:
             raise ValueError("export_peft needs a guide with a median() (e.g. AutoNormal, AutoDelta)")
     state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(net.peft_model, save_embedding_layers=False).items()}
     if sub is not None:
+        med = model.module_values(med)  # per-module s (the vectorized site split); fixed modules keep s0
         for site, info in sub.sites.items():
             key = next(k for k in state if k.endswith(f"{info.module_name}.lora_A.weight"))
-            state[key] = info.lora_A.weight.detach() * med[site].detach().reshape(-1, 1).to(info.lora_A.weight)
+            s = med[site] if site in med else info.s0
+            state[key] = info.lora_A.weight.detach() * s.detach().reshape(-1, 1).to(info.lora_A.weight)
     if net.config.scoring == "letter":
         ids = torch.tensor(net.label_token_ids)
         vocab = net.peft_model.get_base_model().get_input_embeddings().num_embeddings

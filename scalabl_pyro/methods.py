@@ -15,6 +15,8 @@ whose :meth:`Trained.predict` gives a :class:`~scalabl_pyro.predictive.Predictio
                separate SGD step on the analytic KL(p || q) with BLoB's KL schedule
 ``temperature``  plain LoRA on 90% of the training data, then one temperature fitted by NLL on the other
                10% (:mod:`scalabl_pyro.baselines.temperature`); never on the test split
+``scalabl_last2``  partial-Bayesian ScalaBL: ``s`` latent only in ``lm_head`` and the last 2 decoder
+               layers, the other modules plain LoRA; posterior samples share the lower layers (one pass)
 =============  ==============================================================================
 
 Each method gets its own freshly loaded backbone from ``backbone_fn``.
@@ -45,13 +47,18 @@ from .predictive import Prediction, predict
 from .priors import centered_prior, isotropic_normal
 from .scoring import AdaptedLM
 from .train import fit
+from .trunk import last_layers
 
 __all__ = ["METHODS", "BLoB", "Trained", "train_method", "save_trained", "load_trained", "validation_split",
            "laplace_guide",
            "lora_parameter_count",
            "fit_bayesadapt_recipe"]
 
-METHODS = ("mle", "map", "scalabl", "blob", "laplace", "mcdropout", "ensemble", "scalabl_bayesadapt", "temperature")
+METHODS = ("mle", "map", "scalabl", "blob", "laplace", "mcdropout", "ensemble", "scalabl_bayesadapt", "temperature",
+           "scalabl_last2")
+#: ``scalabl_last2``: partial-Bayesian ScalaBL, only ``lm_head`` and the last ``PARTIAL_LAYERS`` decoder layers
+#: stochastic (:func:`~scalabl_pyro.trunk.last_layers`); posterior samples share the layers below.
+PARTIAL_LAYERS = 2
 
 
 class BLoB(ScalaBL):
@@ -352,7 +359,9 @@ def train_method(method: str, backbone_fn: Callable[[], tuple], train_examples: 
         model = ScalaBL(net := net_of(True), prior=resolve_prior(prior, net), num_data=n)
         g = AutoLaplaceApproximation(model, init_loc_fn=init_to_s0(model))
     else:
-        model = ScalaBL(net := net_of(True), prior=resolve_prior(prior, net), num_data=n)
+        net = net_of(True)
+        part = {"stochastic": last_layers(net, PARTIAL_LAYERS)} if method == "scalabl_last2" else {}
+        model = ScalaBL(net, prior=resolve_prior(prior, net), num_data=n, **part)
         g = make_guide(guide, model)
     res = fit(model, g, train_examples, config=train_config, progress=progress, **ck, **cb(model, g))
     if method == "laplace":

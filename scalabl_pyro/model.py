@@ -146,6 +146,11 @@ class ScalaBL(LoRAModel):
         under the plate ``lora.modules``, with the per-module priors stacked into one distribution (same
         family per module), so that prior, guide and ELBO cost a few ops instead of a few per module.
         Every autoguide, :func:`~scalabl_pyro.io.save_run` and ``Predictive`` work with both.
+    :param stochastic: partial-Bayesian ScalaBL: the adapted modules whose ``s`` is latent, as module names
+        (e.g. :func:`~scalabl_pyro.trunk.last_layers`: the last K decoder layers and ``lm_head``) or a callable
+        ``module_name -> bool``; the other modules are plain LoRA (``s`` fixed at ``s0``, ``V`` and ``B``
+        learned). Posterior samples then share the decoder layers below the lowest stochastic one, which run
+        once per question (:mod:`scalabl_pyro.trunk`). ``None`` (default): every adapted module.
 
     Example::
 
@@ -159,14 +164,15 @@ class ScalaBL(LoRAModel):
     default_prior_loc = "s0"
 
     def __init__(self, net: AdaptedLM, *, prior: PriorSpec = None, num_data: int | None = None,
-                 name: str = "scalabl", kl_weight: float = 1.0, layout: str = "modules"):
+                 name: str = "scalabl", kl_weight: float = 1.0, layout: str = "modules", stochastic=None):
         if net.subspace is None:
             raise ValueError("ScalaBL needs an AdaptedLM built with subspace=True")
         if layout not in LAYOUTS:
             raise ValueError(f"layout={layout!r} is not one of {LAYOUTS}")
         super().__init__(net, num_data=num_data, name=name)
         self.layout = layout
-        sites = net.subspace.sites
+        self.stochastic, self._sites = _stochastic_sites(net, stochastic)
+        sites = self._sites
         first = next(iter(sites))
         #: the site of the vectorized layout: ``lora.s`` (BLoB: ``lora.A``)
         self.vector_site = "lora" + first[first.rindex("."):]
@@ -177,10 +183,10 @@ class ScalaBL(LoRAModel):
                                  f"differ ({shapes[:3]}); use layout='modules'")
         self._stacked: dict = {}
         if isinstance(prior, Mapping):
-            unknown = sorted(set(prior) - set(net.subspace.sites))
+            unknown = sorted(set(prior) - set(sites))
             if unknown:
                 raise KeyError(f"prior names unknown sites {unknown[:3]}; valid site names look like "
-                               f"{next(iter(net.subspace.sites))!r} (see model.latent_sites)")
+                               f"{next(iter(sites))!r} (see model.module_sites: the stochastic modules' sites)")
         from .priors import centered_prior, isotropic_normal
 
         # what save_run records; a default prior is rebuilt on load from the same seed's s0
@@ -192,23 +198,33 @@ class ScalaBL(LoRAModel):
         self.kl_weight = kl_weight
 
     def run_options(self) -> dict:
-        return {"layout": self.layout}
+        opts = {"layout": self.layout}
+        if self.stochastic is not None:
+            opts["stochastic"] = list(self.stochastic)
+        return opts
 
     @property
     def latent_sites(self) -> list[str]:
-        """Names of the latent sample sites: one per adapted module, in module order (``[lora.s]`` when vectorized)."""
-        return [self.vector_site] if self.layout == "vectorized" else list(self.net.subspace.sites)
+        """Names of the latent sample sites: one per stochastic module, in module order (``[lora.s]`` when
+        vectorized)."""
+        return [self.vector_site] if self.layout == "vectorized" else list(self._sites)
 
     @property
     def module_sites(self) -> list[str]:
-        """The per-module site names ``lora.<module>.s`` in module order (the rows of ``lora.s`` when vectorized)."""
-        return list(self.net.subspace.sites)
+        """The per-module site names ``lora.<module>.s`` of the stochastic modules in module order (the rows of
+        ``lora.s`` when vectorized); all adapted modules unless ``stochastic`` was given."""
+        return list(self._sites)
+
+    @property
+    def fixed_sites(self) -> list[str]:
+        """The subspace sites that are not latent (``stochastic`` given): their ``s`` stays at ``s0``."""
+        return [k for k in self.net.subspace.sites if k not in self._sites]
 
     def site_prior(self, site: str) -> "dist.Distribution":
         """The prior of one latent site (a per-module site, or the vectorized site: batch ``(M,)``, event ``(r,)``)."""
         if site == self.vector_site:
             return self.stacked_prior()
-        info = self.net.subspace.sites[site]
+        info = self._sites[site]
         return self.prior(site, info.layer, info.event_shape)
 
     def stacked_prior(self) -> "dist.Distribution":
@@ -219,8 +235,7 @@ class ScalaBL(LoRAModel):
         key = (self.net.device, torch.distributions.Distribution._validate_args)
         if key in self._stacked:
             return self._stacked[key]
-        sites = self.net.subspace.sites
-        d = stack_priors({k: self.prior(k, v.layer, v.event_shape) for k, v in sites.items()})
+        d = stack_priors({k: self.prior(k, v.layer, v.event_shape) for k, v in self._sites.items()})
         if getattr(self.prior, "fixed", False):
             self._stacked[key] = d
         return d
@@ -230,13 +245,13 @@ class ScalaBL(LoRAModel):
         if self.vector_site not in values:
             return dict(values)
         v = values[self.vector_site]
-        ev = len(next(iter(self.net.subspace.sites.values())).event_shape)
+        ev = len(next(iter(self._sites.values())).event_shape)
         return dict(zip(self.module_sites, v.unbind(v.dim() - ev - 1)))
 
     @property
     def latent_dim(self) -> int:
-        """Total number of latent coordinates (``r`` x number of adapted modules)."""
-        return sum(v.s0.numel() for v in self.net.subspace.sites.values())
+        """Total number of latent coordinates (``r`` x number of stochastic modules)."""
+        return sum(v.s0.numel() for v in self._sites.values())
 
     def log_prior(self, values: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """``log p(s)`` summed over all latent sites, for ``values = {site: (*event)}`` (e.g. a guide draw)."""
@@ -245,7 +260,7 @@ class ScalaBL(LoRAModel):
     def prior_param_names(self) -> list[str]:
         """Param-store names of the prior's learned parameters (e.g. :class:`~scalabl_pyro.priors.LayerScalePrior`'s)."""
         with poutine.trace(param_only=True) as tr:
-            for site, info in self.net.subspace.sites.items():
+            for site, info in self._sites.items():
                 self.prior(site, info.layer, info.event_shape)
         return [name for name, node in tr.trace.nodes.items() if node["type"] == "param"]
 
@@ -254,12 +269,12 @@ class ScalaBL(LoRAModel):
         s0 = self.net.subspace.s0
         if self.layout == "vectorized":
             return {self.vector_site: torch.stack([s0[k] for k in self.module_sites])}
-        return {k: v.clone() for k, v in s0.items()}
+        return {k: s0[k].clone() for k in self._sites}
 
     def __call__(self, batch, labels=None, *, num_data: int | None = None):
         register_adapters(self.name, self._adapters)
         scale = poutine.scale(scale=self.kl_weight) if self.kl_weight != 1.0 else contextlib.nullcontext()
-        sites = self.net.subspace.sites
+        sites = self._sites
         ev = next(iter(sites.values())).event_shape
         s, leads = {}, []
         with scale:
@@ -286,9 +301,37 @@ class ScalaBL(LoRAModel):
                 flat = dict(zip(sites, v.reshape(-1, len(sites), *ev).unbind(1)))
             else:
                 flat = {k: v.expand(*lead, *ev).reshape(-1, *ev) for k, v in s.items()}
+            if len(sites) < len(self.net.subspace.sites):  # partial: the other modules at s0, shared by all
+                s0 = self.net.subspace.s0
+                flat.update({k: s0[k][None] for k in self.fixed_sites})
             logits = self.net.logits(batch, s=flat)  # (P, B, C), P = prod(lead)
             logits = logits.reshape(*out_lead, B, C)
         return self._likelihood(logits, labels, num_data)
+
+
+def _stochastic_sites(net: AdaptedLM, stochastic) -> tuple[tuple[str, ...] | None, dict]:
+    """``(module names or None, {site: SubspaceSite})`` of the latent modules chosen by ``stochastic``."""
+    all_sites = net.subspace.sites
+    if stochastic is None:
+        return None, dict(all_sites)
+    by_module = {v.module_name: k for k, v in all_sites.items()}
+    if callable(stochastic):
+        names = [m for m in by_module if stochastic(m)]
+    elif isinstance(stochastic, str):
+        raise TypeError(f"stochastic={stochastic!r}: pass a list of module names (e.g. last_layers(net, 2)) "
+                        "or a callable module_name -> bool")
+    else:
+        names = list(stochastic)
+        unknown = [m for m in names if m not in by_module]
+        if unknown:
+            raise ValueError(f"stochastic names modules that are not adapted: {unknown[:3]}; the adapted modules "
+                             f"are named like {list(by_module)[:2]} (see last_layers for the top layers)")
+    if not names:
+        raise ValueError("stochastic selects no adapted module: a ScalaBL model needs at least one latent site "
+                         "(for none at all, use LoRAModel)")
+    chosen = set(names)
+    order = tuple(m for m in by_module if m in chosen)
+    return order, {by_module[m]: all_sites[by_module[m]] for m in order}
 
 
 def count_parameters(model: LoRAModel, guide=None) -> dict[str, int]:

@@ -23,6 +23,7 @@ from torch import nn
 
 from .config import ScalaBLConfig
 from .layers import Subspace, add_lora
+from .trunk import decoder_layers, expand_at, module_depths
 
 __all__ = ["AdaptedLM"]
 
@@ -96,6 +97,12 @@ class AdaptedLM:
         self.decoder = getattr(hf, hf.base_model_prefix)
         self.head = hf.get_output_embeddings()
         self._cache_kw = _cache_kwarg(self.decoder)
+        self._layers = decoder_layers(self.decoder)
+        #: decoder blocks (``L``); modules after them (``lm_head``) have depth ``L`` in :attr:`site_depths`
+        self.num_layers = len(self._layers) if self._layers is not None else 0
+        #: ``{site: depth}``: the decoder layer holding each latent site's module (see :mod:`scalabl_pyro.trunk`)
+        self.site_depths = (module_depths(self.decoder, {k: v.layer for k, v in self.subspace.sites.items()})
+                            if self.subspace is not None else {})
         self.forward_calls = 0  # backbone (decoder) calls
         self.forward_rows = 0  # sequences through the decoder
 
@@ -172,12 +179,16 @@ class AdaptedLM:
 
     # --------------------------------------------------------------- forward
     def logits(self, batch: Mapping[str, torch.Tensor], *, s: Mapping[str, torch.Tensor] | None = None,
-               prefix_cache: bool | None = None, repeats: int = 1) -> torch.Tensor:
+               prefix_cache: bool | None = None, repeats: int = 1, share_trunk: bool = True) -> torch.Tensor:
         """Class logits for every particle and question, shape ``(P, B, C)``.
 
-        :param s: ``{site: (P, *event)}`` latent values (required for ScalaBL/BLoB, ``None`` for plain LoRA).
+        :param s: ``{site: (P, *event)}`` latent values (required for ScalaBL/BLoB, ``None`` for plain LoRA);
+            a site given one value ``(1, *event)`` while others have ``P > 1`` is shared by every particle.
         :param repeats: without ``s``: evaluate ``P = repeats`` stochastic copies (MC dropout) in one pass.
         :param prefix_cache: override ``config.prefix_cache`` (choice format only).
+        :param share_trunk: when every site below some decoder layer is shared, run those layers once on
+            ``B`` rows and repeat their output ``P`` times (:mod:`scalabl_pyro.trunk`); ``False``: ``P * B``
+            rows all the way (the same numbers, more compute).
         Absent choices (``choice_mask`` False) get ``-inf``.
         """
         if self.subspace is not None and s is None:
@@ -186,17 +197,23 @@ class AdaptedLM:
         batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
         if s is not None:
             s = {k: v.to(dev) for k, v in s.items()}
+        split = None
         if s is None:
             P = repeats
         else:
-            first = next(iter(s.values()))
-            P = first.shape[0]
+            P = max(v.shape[0] for v in s.values())
+            if share_trunk and P > 1:
+                depth = min(self.site_depths.get(k, -1) for k, v in s.items() if v.shape[0] > 1)
+                split = depth if depth > 0 else None  # layers [0, split) see no particle-specific value
         B = batch["labels"].shape[0]
         C = self.num_classes
         per_question = 1 if self.config.scoring == "letter" else C
         budget = self.config.max_forward_batch
-        pc = max(1, budget // (B * per_question))  # particles per chunk
-        bc = B if pc > 1 or B * per_question <= budget else max(1, budget // per_question)
+        if split is None:
+            pc = max(1, budget // (B * per_question))  # particles per chunk
+            bc = B if pc > 1 or B * per_question <= budget else max(1, budget // per_question)
+        else:  # shared trunk: every particle in each chunk (the trunk runs once per question), chunks of questions
+            pc, bc = P, min(B, max(1, budget // (P * per_question)))
         use_cache = self.config.prefix_cache if prefix_cache is None else prefix_cache
         outs = []
         for p0 in range(0, P, pc):
@@ -208,9 +225,9 @@ class AdaptedLM:
                 if s is None:
                     parts.append(self._forward(sub, p1 - p0, use_cache))
                 else:
-                    chunk = {k: v[p0:p1] for k, v in s.items()}
+                    chunk = {k: v if v.shape[0] == 1 else v[p0:p1] for k, v in s.items()}
                     with self.subspace.use(chunk):
-                        parts.append(self._forward(sub, p1 - p0, use_cache))
+                        parts.append(self._forward(sub, p1 - p0, use_cache, split))
             outs.append(torch.cat(parts, dim=1))
         logits = torch.cat(outs, dim=0)
         return logits.masked_fill(~batch["choice_mask"].bool(), float("-inf"))
@@ -224,34 +241,53 @@ class AdaptedLM:
     def _positions(mask: torch.Tensor) -> torch.Tensor:
         return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
-    def _forward(self, batch, p: int, use_cache: bool) -> torch.Tensor:
-        if self.config.scoring == "letter":
-            ids, mask = batch["input_ids"].repeat(p, 1), batch["attention_mask"].repeat(p, 1)
-            h = self._decode(input_ids=ids, attention_mask=mask, position_ids=self._positions(mask),
-                             use_cache=False).last_hidden_state[:, -1]
-            return self.head(h).float().view(p, -1, self.num_classes)
-        return self._choice_scores(batch, p, use_cache)
+    def _decode_p(self, p: int, split: int | None, **kw):
+        """``(last hidden state with p * rows rows, output)``: the inputs ``kw`` hold ``p * rows`` rows
+        (``split`` None), or ``rows`` rows that are repeated on the way into decoder layer ``split``."""
+        if split is None:
+            out = self._decode(**kw)
+            return out.last_hidden_state, out
+        if split < self.num_layers:
+            with expand_at(self._layers, split, p):
+                out = self._decode(**kw)
+            return out.last_hidden_state, out
+        out = self._decode(**kw)  # only modules after the decoder (lm_head) vary
+        h = out.last_hidden_state
+        return h.repeat((p,) + (1,) * (h.dim() - 1)), out
 
-    def _choice_scores(self, batch, p: int, use_cache: bool) -> torch.Tensor:
+    def _forward(self, batch, p: int, use_cache: bool, split: int | None = None) -> torch.Tensor:
+        if self.config.scoring == "letter":
+            rep = p if split is None else 1
+            ids, mask = batch["input_ids"].repeat(rep, 1), batch["attention_mask"].repeat(rep, 1)
+            h, _ = self._decode_p(p, split, input_ids=ids, attention_mask=mask, position_ids=self._positions(mask),
+                                  use_cache=False)
+            return self.head(h[:, -1]).float().view(p, -1, self.num_classes)
+        return self._choice_scores(batch, p, use_cache, split)
+
+    def _choice_scores(self, batch, p: int, use_cache: bool, split: int | None = None) -> torch.Tensor:
         C = self.num_classes
-        ctx, cmask = batch["ctx_ids"].repeat(p, 1), batch["ctx_mask"].repeat(p, 1)  # (p*b, Lc)
+        rep = p if split is None else 1  # rows fed to the decoder: p blocks, or one shared block
+        ctx, cmask = batch["ctx_ids"].repeat(rep, 1), batch["ctx_mask"].repeat(rep, 1)  # (rep*b, Lc)
         b, lk = batch["cont_ids"].shape[0], batch["cont_ids"].shape[-1]
-        cont = batch["cont_ids"].reshape(b * C, lk).repeat(p, 1)  # (p*b*C, Lk), particle-major
-        kmask = batch["cont_mask"].reshape(b * C, lk).repeat(p, 1)
-        full_mask = torch.cat([cmask.repeat_interleave(C, 0), kmask], dim=-1)
+        cont_in = batch["cont_ids"].reshape(b * C, lk)
+        kmask_in = batch["cont_mask"].reshape(b * C, lk)
+        cont, kmask = cont_in.repeat(p, 1), kmask_in.repeat(p, 1)  # (p*b*C, Lk), particle-major
+        cont_in, kmask_in = cont_in.repeat(rep, 1), kmask_in.repeat(rep, 1)
+        full_mask = torch.cat([cmask.repeat_interleave(C, 0), kmask_in], dim=-1)
         if use_cache:
-            out = self._decode(input_ids=ctx, attention_mask=cmask, position_ids=self._positions(cmask), use_cache=True)
+            last, out = self._decode_p(p, split, input_ids=ctx, attention_mask=cmask,
+                                       position_ids=self._positions(cmask), use_cache=True)
             cache = getattr(out, self._cache_kw)
             cache.batch_repeat_interleave(C)
             start = cmask.sum(-1).repeat_interleave(C)[:, None]
             pos = start + torch.arange(lk, device=start.device)
-            h = self._decode(input_ids=cont, attention_mask=full_mask, position_ids=pos, use_cache=True,
-                             **{self._cache_kw: cache}).last_hidden_state
-            pred = torch.cat([out.last_hidden_state[:, -1:].repeat_interleave(C, 0), h[:, :-1]], dim=1)
+            h, _ = self._decode_p(p, split, input_ids=cont_in, attention_mask=full_mask, position_ids=pos,
+                                  use_cache=True, **{self._cache_kw: cache})
+            pred = torch.cat([last[:, -1:].repeat_interleave(C, 0), h[:, :-1]], dim=1)
         else:
-            ids = torch.cat([ctx.repeat_interleave(C, 0), cont], dim=-1)
-            h = self._decode(input_ids=ids, attention_mask=full_mask, position_ids=self._positions(full_mask),
-                             use_cache=False).last_hidden_state
+            ids = torch.cat([ctx.repeat_interleave(C, 0), cont_in], dim=-1)
+            h, _ = self._decode_p(p, split, input_ids=ids, attention_mask=full_mask,
+                                  position_ids=self._positions(full_mask), use_cache=False)
             lc = ctx.shape[-1]
             pred = h[:, lc - 1: lc + lk - 1]
         index = batch.get("cont_index")

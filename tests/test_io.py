@@ -415,3 +415,35 @@ def test_vectorized_layout_round_trips(make_net, tmp_path):
     pyro.set_rng_seed(11)
     torch.testing.assert_close(predict(model2, guide2, exs, num_samples=4).sample_probs, pred.sample_probs,
                                atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("layout", ["modules", "vectorized"])
+def test_partial_model_round_trips_and_exports(make_net, tmp_path, layout):
+    """A partial-Bayesian ScalaBL saves which modules are stochastic; export_peft folds s0 into the others."""
+    from safetensors.torch import load_file
+
+    from scalabl_pyro.trunk import last_layers
+
+    net = make_net("choice")
+    chosen = last_layers(net, 0)  # lm_head only
+    model = ScalaBL(net, stochastic=chosen, layout=layout)
+    guide = make_guide("normal", model, init_scale=0.2)
+    fit(model, guide, synthetic_examples(12), config=TrainConfig(steps=3, batch_size=4, guide_lr=5e-2),
+        progress=False, warn_unconverged=False)
+    exs = synthetic_examples(5)
+    pyro.set_rng_seed(11)
+    pred = predict(model, guide, exs, num_samples=4)
+    path = save_run(tmp_path / "run", model, guide, backbone="tiny")
+    pyro.clear_param_store()
+    model2, guide2, info = load_run(path, backbone=tiny_llama())
+    assert model2.stochastic == chosen and model2.latent_sites == model.latent_sites == info["latent_sites"]
+    pyro.set_rng_seed(11)
+    torch.testing.assert_close(predict(model2, guide2, exs, num_samples=4).sample_probs, pred.sample_probs,
+                               atol=1e-6, rtol=0)
+    out = export_peft(tmp_path / "peft", model, guide)
+    saved = load_file(str(out / "adapter_model.safetensors"))
+    med = model.module_values(guide.median())
+    for site, info in model.net.subspace.sites.items():
+        s = med[site] if site in med else info.s0
+        key = f"base_model.model.{info.module_name}.lora_A.weight"
+        torch.testing.assert_close(saved[key], torch.diag(s) @ info.lora_A.weight.detach(), atol=1e-6, rtol=1e-6)
