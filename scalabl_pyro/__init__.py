@@ -41,6 +41,7 @@ from .priors import (LayerScalePrior, centered_prior, isotropic_normal, laplace_
 from .scoring import AdaptedLM
 from .tasks import country_task
 from .train import FitResult, empty_guide, fit, make_elbo, make_optimizer
+from .trunk import last_layers
 from .userdata import load_user_task, task_from_records
 
 __version__ = "0.2.0"
@@ -52,7 +53,7 @@ __all__ = [
     "Subspace", "TaskData", "TrainConfig", "add_lora", "apply_temperature", "available_datasets", "calibrate",
     "centered_prior", "char_tokenizer", "check_fresh_guide", "classification_metrics", "count_parameters",
     "country_task", "default_guide", "elbo_loss", "empty_guide", "export_peft", "fit", "fit_temperature", "format_table",
-    "guide_spec", "heldout_curves_plot", "init_to_s0", "isotropic_normal", "laplace_posterior", "laplace_prior", "load_backbone", "load_run",
+    "guide_spec", "heldout_curves_plot", "init_to_s0", "isotropic_normal", "laplace_posterior", "laplace_prior", "last_layers", "load_backbone", "load_run",
     "load_task", "load_user_task", "make_elbo", "make_guide", "make_optimizer", "normalize_prior", "ood_auroc",
     "paired_bootstrap", "predict", "prior_from_spec", "prior_to_spec", "register_adapters", "reliability_diagram", "reliability_panels",
     "save_run", "site_name", "stack_priors", "student_t_prior", "task_from_records", "tiny_llama", "uncertainty_decomposition",

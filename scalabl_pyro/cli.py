@@ -216,6 +216,10 @@ def cmd_compare_guides(args) -> int:
     return 0
 
 
+#: the Bayesian methods of ``train`` (guide, prior and guide lr apply to them)
+_BAYES = ("scalabl", "scalabl_last2")
+
+
 def cmd_train(args) -> int:
     import torch
 
@@ -224,7 +228,7 @@ def cmd_train(args) -> int:
     from .io import RunExistsError, save_run
     from .methods import train_method
 
-    if args.method != "scalabl":
+    if args.method not in _BAYES:
         given = [f for f, v in (("--guide", args.guide), ("--prior", args.prior), ("--guide-lr", args.guide_lr),
                                 ("--kl-anneal", args.kl_anneal)) if v is not None]
         if given:
@@ -263,7 +267,7 @@ def cmd_train(args) -> int:
                            checkpoint_every=args.checkpoint_every)
     save_run(out, trained.models[0], trained.guide, train_config=tc, backbone=backbone, overwrite=args.overwrite,
              meta={"dataset": args.dataset, "method": args.method, "train": tc.to_dict(),
-                   "prior": (args.prior or "s0") if args.method == "scalabl" else None,
+                   "prior": (args.prior or "s0") if args.method in _BAYES else None,
                    "final_loss": trained.losses[-1], "fit_seconds": trained.fit_seconds})
     print(f"trained {args.method} on {args.dataset} ({len(train)} examples, {tc.steps} steps, "
           f"{trained.fit_seconds:.0f} s); saved to {out}")
@@ -346,8 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="countries", help="a benchmark name (openbookqa, arc_easy, boolq, "
                    "mmlu_<subject>, ...), countries (default), or a path to your .jsonl/.csv file (used whole "
                    "as the training set) or to a folder holding train.jsonl / train.csv")
-    p.add_argument("--method", default="scalabl", choices=("mle", "map", "scalabl"),
-                   help="'scalabl' (default): Bayesian, latent s; 'mle': plain LoRA; 'map': LoRA with weight decay")
+    p.add_argument("--method", default="scalabl", choices=("mle", "map", *_BAYES),
+                   help="'scalabl' (default): Bayesian, latent s; 'scalabl_last2': s latent only in lm_head and the "
+                        "last 2 decoder layers; 'mle': plain LoRA; 'map': LoRA with weight decay")
     p.add_argument("--guide", default=None, choices=tuple(GUIDES), help="autoguide of --method scalabl "
                    "(default normal)")
     p.add_argument("--r", type=int, default=8, help="LoRA rank, also the size of each s (default 8)")

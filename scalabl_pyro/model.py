@@ -11,6 +11,8 @@ Sites (public API, stable):
 * ``lora.s`` — ScalaBL with ``layout="vectorized"`` instead: one latent site of shape ``(M, r)`` (``M`` adapted
   modules, in :attr:`ScalaBL.module_sites` order) under the plate ``lora.modules`` (size ``M``, ``dim=-1``):
   one prior, one guide distribution and one log-density for all modules (BLoB: ``lora.A``).
+* With ``stochastic=`` (partial-Bayesian ScalaBL) only the chosen modules have a latent site (in either
+  layout); the others are plain LoRA, listed by :attr:`ScalaBL.fixed_sites`.
 * ``probs`` — deterministic class probabilities, shape ``(B, C)`` (inside the ``data`` plate).
 * ``obs`` — the observed label, ``Categorical(logits)``, inside ``pyro.plate("data", num_data)``
   so the log-likelihood of a minibatch is scaled to the full data set.

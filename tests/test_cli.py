@@ -58,6 +58,16 @@ def test_train_then_evaluate(tmp_path, capsys):
     assert "already holds a run" in capsys.readouterr().err
 
 
+def test_train_partial_bayesian_method(tmp_path, capsys):
+    run = tmp_path / "last2"
+    assert main(["train", "--out", str(run), "--method", "scalabl_last2", "--guide-lr", "0.05", "--r", "4",
+                 *TRAIN_TINY]) == 0
+    info = json.loads((run / "run.json").read_text())
+    stochastic = info["model"]["options"]["stochastic"]
+    assert stochastic[-1] == "lm_head" and info["latent_sites"] == [f"lora.{m}.s" for m in stochastic]
+    assert main(["evaluate", str(run), *EVAL_TINY]) == 0
+
+
 def test_plain_lora_run_refuses_what_it_would_ignore(tmp_path, capsys):
     run = tmp_path / "mle"
     assert main(["train", "--out", str(run), "--method", "mle", "--r", "4", *TRAIN_TINY]) == 0

@@ -379,5 +379,5 @@ def test_public_api_exports_layout_and_fused_optimizer():
     import scalabl_pyro
     missing = [n for n in scalabl_pyro.__all__ if not hasattr(scalabl_pyro, n)]
     assert not missing
-    assert {"LAYOUTS", "MODULES_PLATE", "stack_priors", "FusedAdamW", "elbo_loss"} <= set(scalabl_pyro.__all__)
+    assert {"LAYOUTS", "MODULES_PLATE", "stack_priors", "FusedAdamW", "elbo_loss", "last_layers"} <= set(scalabl_pyro.__all__)
     assert scalabl_pyro.LAYOUTS == ("modules", "vectorized")
