@@ -186,6 +186,9 @@ class ScalaBL(LoRAModel):
         self._stacked: dict = {}
         if isinstance(prior, Mapping):
             unknown = sorted(set(prior) - set(sites))
+            if unknown and set(prior) == set(net.subspace.sites):  # a prior for every module (centered_prior(
+                prior = {k: v for k, v in prior.items() if k in sites}  # net.subspace.s0)): the latent ones' part
+                unknown = []
             if unknown:
                 raise KeyError(f"prior names unknown sites {unknown[:3]}; valid site names look like "
                                f"{next(iter(sites))!r} (see model.module_sites: the stochastic modules' sites)")

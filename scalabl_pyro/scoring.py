@@ -11,7 +11,9 @@ Two ways to turn a multiple-choice question into ``C`` class logits (``ScalaBLCo
 
 Batches of several ``s`` vectors (particles / posterior samples, ``P`` of them) are folded into the
 batch dimension particle-major: rows ``(P, B)`` for contexts and ``(P, B, C)`` for continuations, so
-every choice of a question is scored with the same ``s``.
+every choice of a question is scored with the same ``s``. Sites given a single value ``(1, r)`` while
+others have ``P`` are shared; when every site below some decoder layer is shared (a partial-Bayesian
+model), those layers run once on ``B`` rows (:mod:`scalabl_pyro.trunk`).
 """
 from __future__ import annotations
 

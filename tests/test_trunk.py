@@ -188,3 +188,21 @@ def test_partial_predictive_equals_unshared_evaluation_of_its_samples():
         s = {k: out[k].reshape(5, -1) if k in out else v[None] for k, v in net.subspace.s0.items()}
         ref = net.logits(batch, s=s, share_trunk=False).softmax(-1)
     torch.testing.assert_close(out["probs"].reshape(5, 4, 3), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_partial_model_takes_a_prior_for_every_module_and_the_grid_method_trains():
+    """A dict prior over all modules (what the grid's default ``centered_prior(net.subspace.s0)`` is) keeps the
+    stochastic modules' entries; ``train_method("scalabl_last2")`` makes only the top layers latent."""
+    from scalabl_pyro.methods import train_method
+    from scalabl_pyro.priors import centered_prior
+
+    net = _net()
+    model = ScalaBL(net, stochastic=last_layers(net, 1), prior=centered_prior(net.subspace.s0))
+    site = model.latent_sites[0]
+    torch.testing.assert_close(model.site_prior(site).mean, net.subspace.s0[site])
+    t = train_method("scalabl_last2", lambda: tiny_llama(num_layers=L), synthetic_examples(8), label_words=LABEL_WORDS,
+                     config=ScalaBLConfig(r=4, scoring="choice"), train_config=TrainConfig(steps=2, batch_size=4),
+                     prior="s0", progress=False)
+    assert t.models[0].latent_sites == [f"lora.{m}.s" for m in last_layers(t.models[0].net, 2)]
+    assert len(t.models[0].latent_sites) == 5 < len(t.models[0].net.subspace.sites)
+    assert t.predict(synthetic_examples(3), num_samples=2).mean_probs.shape == (3, 3)
