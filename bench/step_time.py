@@ -293,26 +293,32 @@ def build_lora(lm, tok, config):
     return net, step
 
 
-def build_scalabl(lm, tok, config, num_data, batch_examples, layout="modules"):
-    """ScalaBL model (``layout``) + default guide; returns (net, model, guide, svi_step, sched_step, torch_step)."""
-    import pyro
-    from pyro.infer import SVI, Trace_ELBO
-
-    from scalabl_pyro.config import TrainConfig
+def scalabl_model(lm, tok, config, num_data, batch_examples, layout="modules"):
+    """``(net, model, guide)``: ScalaBL (``layout``) with ``default_guide``, its parameters created on one batch."""
     from scalabl_pyro.guides import default_guide
     from scalabl_pyro.model import ScalaBL
     from scalabl_pyro.scoring import AdaptedLM
-    from scalabl_pyro.train import make_elbo, make_optimizer
 
     net = AdaptedLM(lm, tok, label_words="ABCD", config=config, subspace=True)
     model = ScalaBL(net, num_data=num_data, layout=layout)
     guide = default_guide(model)
-    tcfg = TrainConfig()
-    optim = make_optimizer(tcfg, model_prefix=model.name)
-    svi = SVI(model, guide, optim, make_elbo(tcfg))
     batch = net.collate(batch_examples)
     with torch.no_grad():
         guide(batch, batch["labels"], num_data=num_data)  # autoguides create their params lazily
+    return net, model, guide
+
+
+def build_scalabl(lm, tok, config, num_data, batch_examples, layout="modules"):
+    """ScalaBL model (``layout``) + default guide; returns (net, model, guide, svi_step, sched_step, torch_step)."""
+    from pyro.infer import SVI, Trace_ELBO
+
+    from scalabl_pyro.config import TrainConfig
+    from scalabl_pyro.train import make_elbo, make_optimizer
+
+    net, model, guide = scalabl_model(lm, tok, config, num_data, batch_examples, layout=layout)
+    tcfg = TrainConfig()
+    optim = make_optimizer(tcfg, model_prefix=model.name)
+    svi = SVI(model, guide, optim, make_elbo(tcfg))
     elbo = Trace_ELBO(max_plate_nesting=1)
     params = list(net.trainable_parameters()) + list(guide.parameters())
     opt = torch.optim.AdamW(params, lr=1e-3, fused=True)
@@ -338,20 +344,12 @@ def build_fit_step(lm, tok, config, num_data, batch_examples, layout="modules"):
     from pyro import poutine
 
     from scalabl_pyro.config import TrainConfig
-    from scalabl_pyro.guides import default_guide
-    from scalabl_pyro.model import ScalaBL
     from scalabl_pyro.optim import FusedAdamW, elbo_loss
-    from scalabl_pyro.scoring import AdaptedLM
     from scalabl_pyro.train import make_elbo
 
-    net = AdaptedLM(lm, tok, label_words="ABCD", config=config, subspace=True)
-    model = ScalaBL(net, num_data=num_data, layout=layout)
-    guide = default_guide(model)
+    net, model, guide = scalabl_model(lm, tok, config, num_data, batch_examples, layout=layout)
     tcfg = TrainConfig()
     optim, elbo = FusedAdamW(tcfg, model_prefix=model.name), make_elbo(tcfg)
-    batch = net.collate(batch_examples)
-    with torch.no_grad():
-        guide(batch, batch["labels"], num_data=num_data)
 
     def fit_step(b):
         with poutine.trace(param_only=True) as params:

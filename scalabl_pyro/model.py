@@ -174,6 +174,7 @@ class ScalaBL(LoRAModel):
         super().__init__(net, num_data=num_data, name=name)
         self.layout = layout
         self.stochastic, self._sites = _stochastic_sites(net, stochastic)
+        self._fixed = {k: v for k, v in net.subspace.sites.items() if k not in self._sites}
         sites = self._sites
         first = next(iter(sites))
         #: the site of the vectorized layout: ``lora.s`` (BLoB: ``lora.A``)
@@ -223,7 +224,7 @@ class ScalaBL(LoRAModel):
     @property
     def fixed_sites(self) -> list[str]:
         """The subspace sites that are not latent (``stochastic`` given): their ``s`` stays at ``s0``."""
-        return [k for k in self.net.subspace.sites if k not in self._sites]
+        return list(self._fixed)
 
     def site_prior(self, site: str) -> "dist.Distribution":
         """The prior of one latent site (a per-module site, or the vectorized site: batch ``(M,)``, event ``(r,)``)."""
@@ -306,9 +307,8 @@ class ScalaBL(LoRAModel):
                 flat = dict(zip(sites, v.reshape(-1, len(sites), *ev).unbind(1)))
             else:
                 flat = {k: v.expand(*lead, *ev).reshape(-1, *ev) for k, v in s.items()}
-            if len(sites) < len(self.net.subspace.sites):  # partial: the other modules at s0, shared by all
-                s0 = self.net.subspace.s0
-                flat.update({k: s0[k][None] for k in self.fixed_sites})
+            # partial: the other modules at s0, one value shared by all particles (logits moves it to the device)
+            flat.update({k: v.s0[None] for k, v in self._fixed.items()})
             logits = self.net.logits(batch, s=flat)  # (P, B, C), P = prod(lead)
             logits = logits.reshape(*out_lead, B, C)
         return self._likelihood(logits, labels, num_data)

@@ -398,9 +398,9 @@ def test_load_beside_the_live_trained_model(make_model, tmp_path):
     assert not all(torch.equal(v, guide2.state_dict()[k]) for k, v in before.items())
 
 
-def test_vectorized_layout_round_trips(make_net, tmp_path):
-    net = make_net("choice")
-    model = ScalaBL(net, layout="vectorized")
+def _fit_save_load(model, tmp_path):
+    """Train ``model`` a few steps with an AutoNormal guide, save and reload it; check that the reloaded run
+    predicts the same sample probabilities. Returns ``(guide, model2, guide2, info)``."""
     guide = make_guide("normal", model, init_scale=0.2)
     fit(model, guide, synthetic_examples(12), config=TrainConfig(steps=3, batch_size=4, guide_lr=5e-2),
         progress=False, warn_unconverged=False)
@@ -410,36 +410,29 @@ def test_vectorized_layout_round_trips(make_net, tmp_path):
     path = save_run(tmp_path / "run", model, guide, backbone="tiny")
     pyro.clear_param_store()
     model2, guide2, info = load_run(path, backbone=tiny_llama())
-    assert model2.layout == "vectorized" and info["latent_sites"] == ["lora.s"] == model2.latent_sites
-    assert torch.equal(guide2.median()["lora.s"], guide.median()["lora.s"])
     pyro.set_rng_seed(11)
     torch.testing.assert_close(predict(model2, guide2, exs, num_samples=4).sample_probs, pred.sample_probs,
                                atol=1e-6, rtol=0)
+    return guide, model2, guide2, info
+
+
+def test_vectorized_layout_round_trips(make_net, tmp_path):
+    model = ScalaBL(make_net("choice"), layout="vectorized")
+    guide, model2, guide2, info = _fit_save_load(model, tmp_path)
+    assert model2.layout == "vectorized" and info["latent_sites"] == ["lora.s"] == model2.latent_sites
+    assert torch.equal(guide2.median()["lora.s"], guide.median()["lora.s"])
 
 
 @pytest.mark.parametrize("layout", ["modules", "vectorized"])
 def test_partial_model_round_trips_and_exports(make_net, tmp_path, layout):
     """A partial-Bayesian ScalaBL saves which modules are stochastic; export_peft folds s0 into the others."""
-    from safetensors.torch import load_file
-
     from scalabl_pyro.trunk import last_layers
 
     net = make_net("choice")
     chosen = last_layers(net, 0)  # lm_head only
     model = ScalaBL(net, stochastic=chosen, layout=layout)
-    guide = make_guide("normal", model, init_scale=0.2)
-    fit(model, guide, synthetic_examples(12), config=TrainConfig(steps=3, batch_size=4, guide_lr=5e-2),
-        progress=False, warn_unconverged=False)
-    exs = synthetic_examples(5)
-    pyro.set_rng_seed(11)
-    pred = predict(model, guide, exs, num_samples=4)
-    path = save_run(tmp_path / "run", model, guide, backbone="tiny")
-    pyro.clear_param_store()
-    model2, guide2, info = load_run(path, backbone=tiny_llama())
+    guide, model2, _, info = _fit_save_load(model, tmp_path)
     assert model2.stochastic == chosen and model2.latent_sites == model.latent_sites == info["latent_sites"]
-    pyro.set_rng_seed(11)
-    torch.testing.assert_close(predict(model2, guide2, exs, num_samples=4).sample_probs, pred.sample_probs,
-                               atol=1e-6, rtol=0)
     out = export_peft(tmp_path / "peft", model, guide)
     saved = load_file(str(out / "adapter_model.safetensors"))
     med = model.module_values(guide.median())
