@@ -32,10 +32,10 @@ _TRAINING = ("backbone", "steps", "epochs", "batch_size", "lr", "guide_lr", "kl_
 _RUN = ("overwrite", "quiet", "device")
 #: The shared options each verb takes (its own ones are added in :func:`build_parser`).
 VERB_OPTIONS = {
-    "demo": (*_TRAINING, "num_samples", "test_limit", "seeds", *_RUN),
+    "demo": (*_TRAINING, "num_samples", "test_limit", "seeds", "curve_every", *_RUN),
     "train": (*_TRAINING, "data_dir", *_RUN),
     "evaluate": ("num_samples", "test_limit", "data_dir", *_RUN),
-    "benchmark": (*_TRAINING, "num_samples", "test_limit", "seeds", "data_dir", *_RUN),
+    "benchmark": (*_TRAINING, "num_samples", "test_limit", "seeds", "data_dir", "curve_every", *_RUN),
     "compare-guides": (*_TRAINING, "num_samples", "test_limit", *_RUN),
 }
 
@@ -68,6 +68,9 @@ def _option(p: argparse.ArgumentParser, key: str, verb: str) -> None:
                                            "(default 0)"),
         "data_dir": dict(metavar="DIR", help="folder holding the benchmark folders (arc_easy/, boolq/, mmlu/, ...); "
                                              "default $SCALABL_DATA_DIR or ../shared/data"),
+        "curve_every": dict(type=float, metavar="E", help="record held-out ECE/NLL on the first 64 test questions "
+                            "every E epochs during training (result.json 'curve'; the demo plots curves.png; "
+                            "demo default 2, benchmark default off; 0 turns it off)"),
         "overwrite": dict(action="store_true", help="replace results already in the output folder"),
         "quiet": dict(action="store_true", help="no progress bars"),
         "device": dict(metavar="DEV", help="'auto' (CUDA if available; default), 'cpu', 'cuda' or 'cuda:N'"),
@@ -97,6 +100,10 @@ def _grid_overrides(args, **extra) -> dict:
         out["steps"] = 200  # GridConfig's default: the budget is in epochs (a config file's steps are replaced)
     if getattr(args, "seeds", None):
         out["seeds"] = _seeds_arg("--seeds", args.seeds)
+    if getattr(args, "curve_every", None) is not None:
+        if args.curve_every < 0:
+            raise UsageError(f"--curve-every {args.curve_every:g}: give a positive number of epochs, or 0 (no curve)")
+        out["curve_every"] = args.curve_every or None
     out.update({k: v for k, v in extra.items() if v is not None})
     return out
 
@@ -162,7 +169,9 @@ def cmd_demo(args) -> int:
           f"{grid.budget()}, guide lr {grid.guide_lr:g}, {grid.num_samples} posterior samples, prior "
           f"{PRIORS[grid.prior]})\n")
     print(table)
-    print(f"\nWrote {Path(args.out) / 'results.md'}, {Path(args.out) / 'reliability.png'} and per-run JSON.")
+    out = Path(args.out)
+    pics = ", ".join(str(out / f) for f in ("reliability.png", "curves.png") if (out / f).exists())
+    print(f"\nWrote {out / 'results.md'}, {pics} and per-run JSON.")
     return 0
 
 
@@ -333,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
               description="Train plain LoRA and ScalaBL on the embedded countries task, evaluate both in "
                           "distribution and on shifted questions, and write results.md, reliability.png and per-run "
                           "JSON to --out.",
-              examples="  scalabl-pyro demo                                     # SmolLM2, 200 steps, seed 0 (~18 min, 2 CPUs)\n"
+              examples="  scalabl-pyro demo                                     # SmolLM2, 200 steps, seed 0 (~48 min, 2 CPUs)\n"
                        "  scalabl-pyro demo --seeds 0,1,2 --out runs/demo3      # mean ± std over 3 seeds\n"
                        "  scalabl-pyro demo --backbone tiny --steps 2 --quiet   # a smoke run in seconds\n")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -114,7 +115,8 @@ class HeldoutCurve:
     for a model without latent sites) under a forked RNG seeded with ``seed``, with the LoRA dropout layers
     switched off, so the training trajectory is the same with or without the curve. ``records`` holds one
     dict per evaluation: ``step`` (steps done), ``epoch`` (``step * batch_size / num_data``), the metrics of
-    :meth:`~scalabl_pyro.predictive.Prediction.metrics` and ``mean_conf``.
+    :meth:`~scalabl_pyro.predictive.Prediction.metrics`, ``mean_conf`` (mean top-class probability) and
+    ``seconds`` (the evaluation's wall time; it counts in ``fit``'s).
 
     :param examples: held-out questions (a validation split: never the test split when choosing a budget).
     :param every: evaluate after every ``every`` steps (e.g. one epoch: ``ceil(num_data / batch_size)``).
@@ -149,6 +151,7 @@ class HeldoutCurve:
 
     def record(self, steps_done: int) -> dict:
         """Evaluate now (after ``steps_done`` steps) and append (or replace) that record."""
+        t0 = time.perf_counter()
         net = self.model.net
         drop = [m for m in net.peft_model.modules() if isinstance(m, torch.nn.Dropout) and m.training]
         dev = net.device
@@ -163,7 +166,7 @@ class HeldoutCurve:
             for m in drop:
                 m.train()
         rec = {"step": steps_done, "epoch": steps_done * self.batch_size / self.num_data, **pred.metrics(),
-               "mean_conf": float(pred.mean_probs.max(-1).values.mean())}
+               "mean_conf": float(pred.mean_probs.max(-1).values.mean()), "seconds": time.perf_counter() - t0}
         self.records = [r for r in self.records if r["step"] < steps_done] + [rec]
         if self.path is not None:
             atomic_write_json(self.path, {"records": self.records})

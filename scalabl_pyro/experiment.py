@@ -29,16 +29,19 @@ from .config import ScalaBLConfig, TrainConfig, _JsonConfig
 from .data import TaskData, load_task
 from .harness.paired import paired_differences
 from .harness.report import write_report_section
+from .convergence import HeldoutCurve
 from .methods import METHODS, PRIORS, resolve_prior, train_method
-from .metrics import (ece_accuracy_plot, format_table, ood_auroc, reliability_diagram,
+from .metrics import (ece_accuracy_plot, format_table, heldout_curves_plot, ood_auroc, reliability_diagram,
                       reliability_panels)
 from .tasks import country_task
 
 __all__ = ["GridConfig", "resolve_task", "run_dir", "run_one", "run_grid", "report_grid", "summarize", "demo",
            "compare_guides", "DEMO_METHODS", "GridMismatchError", "check_finished", "RUN_SETTINGS", "DEMO_PRIOR",
-           "DEMO_STEPS", "DEMO_GUIDE_LR", "demo_grid"]
+           "DEMO_STEPS", "DEMO_GUIDE_LR", "DEMO_CURVE_EVERY", "demo_grid", "NO_CURVE"]
 
 METRIC_KEYS = ("acc", "ece", "nll", "brier")
+#: Methods that record no held-out curve (several models, or their own training loop).
+NO_CURVE = ("ensemble", "scalabl_bayesadapt")
 DEMO_METHODS = ("mle", "scalabl")
 #: The demo's prior: with 156 training questions Normal(0, 1) pulls s to ~10% of s0 and ScalaBL trails plain
 #: LoRA; Normal(s0, 1) does not (chosen on a validation split of the training countries, bench/demo_recipe.py).
@@ -52,6 +55,9 @@ DEMO_STEPS = 200
 #: Chosen on three 70/30 validation splits of the training countries (bench/demo_recipe.py, bench/README.md):
 #: mean ECE 0.044 vs 0.051 at 1e-2 (plain LoRA 0.066), NLL 0.270 vs 0.326 (0.410); 1e-1 was no better.
 DEMO_GUIDE_LR = 5e-2
+#: The demo records held-out ECE and NLL every this many epochs (``curves.png``; :attr:`GridConfig.curve_every`)
+#: on the first :attr:`GridConfig.curve_limit` test questions.
+DEMO_CURVE_EVERY = 2.0
 
 
 
@@ -96,6 +102,15 @@ class GridConfig(_JsonConfig):
         replaces ``steps``, which must then stay at its default. ``None``: ``steps`` for every data set.
     :param title: heading of the grid's section in a ``--report`` file (default: its budget); a report holds
         one section per output folder (:func:`~scalabl_pyro.harness.report.write_report_section`).
+    :param curve_every: record a held-out curve during training: every this many epochs (rounded to whole
+        steps) evaluate the run on the first ``curve_limit`` questions of its in-distribution test split
+        (:class:`~scalabl_pyro.convergence.HeldoutCurve`: forked RNG, dropout off, so the run's numbers are the
+        same with or without it), saved as ``curve`` in ``result.json``. It describes how calibration evolves
+        and is never used to choose a budget (choose on a validation split: ``bench/epochs.py``). ``None``: no
+        curve. Not for ``ensemble`` and ``scalabl_bayesadapt`` (their ``curve`` is ``null``); for
+        ``temperature`` it is the curve of the LoRA model before its temperature is fitted.
+    :param curve_limit: questions per curve evaluation (``None``: the whole test split, as capped by
+        ``test_limit``); each evaluation costs ``num_samples`` forwards per question for a Bayesian method.
     """
 
     methods: tuple[str, ...] = DEMO_METHODS
@@ -120,6 +135,8 @@ class GridConfig(_JsonConfig):
     epochs: float | None = None
     note: str = ""
     title: str = ""
+    curve_every: float | None = None
+    curve_limit: int | None = 64
 
     def __post_init__(self):
         bad = [m for m in self.methods if m not in METHODS]
@@ -136,6 +153,14 @@ class GridConfig(_JsonConfig):
             if self.steps != GridConfig.steps:
                 raise ValueError(f"give the budget as steps or as epochs, not both (steps={self.steps}, "
                                  f"epochs={self.epochs}); drop one")
+        if self.curve_every is not None and (isinstance(self.curve_every, bool) or not isinstance(
+                self.curve_every, (int, float)) or not self.curve_every > 0):
+            raise ValueError(f"curve_every={self.curve_every!r} must be a positive number of epochs between "
+                             "held-out evaluations, or None (no curve)")
+        if self.curve_limit is not None and (isinstance(self.curve_limit, bool) or not isinstance(
+                self.curve_limit, int) or self.curve_limit < 1):
+            raise ValueError(f"curve_limit={self.curve_limit!r} must be a positive number of questions, or None "
+                             "(the whole test split)")
         self.model_config(), self.train_config(num_examples=1)  # validate
 
     def model_config(self) -> ScalaBLConfig:
@@ -195,9 +220,21 @@ def run_one(grid: GridConfig, method: str, dataset: str, seed: int, out_dir, *, 
     words = _label_words([train, *evals.values()])
     torch.manual_seed(seed)
     tc = grid.train_config(seed=seed, num_examples=len(train))
+    curves: list[HeldoutCurve] = []
+    make_callback = None
+    if grid.curve_every is not None and method not in NO_CURVE:
+        curve_set = list(evals[dataset].examples[:grid.curve_limit])
+
+        def make_callback(model, guide):
+            n_fit = model.num_data or len(train)  # ``temperature`` trains on 90% of the training set
+            every = max(1, round(grid.curve_every * n_fit / tc.batch_size))
+            curves.append(HeldoutCurve(model, guide, curve_set, every=every, num_data=n_fit,
+                                       batch_size=tc.batch_size, num_samples=grid.num_samples, seed=seed))
+            return curves[-1]
     trained = train_method(method, backbone_factory(grid.backbone, device), list(train.examples), label_words=words,
                            config=grid.model_config(), train_config=tc, guide=grid.guide,
-                           num_samples=grid.num_samples, prior=grid.prior, progress=progress)
+                           num_samples=grid.num_samples, prior=grid.prior, progress=progress,
+                           make_callback=make_callback)
     metrics, preds = {}, {}
     t0 = time.perf_counter()
     for name, task in evals.items():
@@ -217,6 +254,7 @@ def run_one(grid: GridConfig, method: str, dataset: str, seed: int, out_dir, *, 
         "extra_params": trained.extra_params, "lora_params": trained.lora_params,
         "fit_seconds": round(trained.fit_seconds, 1), "eval_seconds": round(eval_seconds, 1),
         "final_loss": trained.losses[-1] if trained.losses else None, "metrics": metrics,
+        "curve": curves[-1].records if curves else None,
         "date": datetime.date.today().isoformat(),
         "hardware": _hardware(device),
     }
@@ -481,9 +519,11 @@ def compare_guides(out_dir, *, guides: Sequence[str] = ("normal", "diagonal", "l
 
 
 def demo_grid(**overrides) -> GridConfig:
-    """The demo's grid: :data:`DEMO_METHODS` on the countries task with :data:`DEMO_PRIOR`, :data:`DEMO_STEPS`
-    and :data:`DEMO_GUIDE_LR`; ``overrides`` (any :class:`GridConfig` field) win."""
-    return GridConfig(**{"prior": DEMO_PRIOR, "steps": DEMO_STEPS, "guide_lr": DEMO_GUIDE_LR, **overrides})
+    """The demo's grid: :data:`DEMO_METHODS` on the countries task with :data:`DEMO_PRIOR`, :data:`DEMO_STEPS`,
+    :data:`DEMO_GUIDE_LR` and a held-out curve every :data:`DEMO_CURVE_EVERY` epochs; ``overrides`` (any
+    :class:`GridConfig` field) win."""
+    return GridConfig(**{"prior": DEMO_PRIOR, "steps": DEMO_STEPS, "guide_lr": DEMO_GUIDE_LR,
+                         "curve_every": DEMO_CURVE_EVERY, **overrides})
 
 
 def demo(out_dir, *, grid: GridConfig | None = None, progress: bool = True, overwrite: bool = False,
@@ -492,8 +532,9 @@ def demo(out_dir, *, grid: GridConfig | None = None, progress: bool = True, over
 
     The default ``grid`` (:func:`demo_grid`) uses the prior :data:`DEMO_PRIOR` (``Normal(s0, 1)``),
     :data:`DEMO_STEPS` training steps and the guide learning rate :data:`DEMO_GUIDE_LR`; see ``bench/README.md``.
-    Writes per-run JSON, ``results.md`` and ``reliability.png`` (both models on one diagram) to ``out_dir``
-    and returns the comparison table as Markdown.
+    Writes per-run JSON, ``results.md``, ``reliability.png`` (in distribution and shifted side by side) and,
+    when the grid records curves (:attr:`GridConfig.curve_every`), ``curves.png`` (held-out ECE and NLL against
+    training epochs, one line per method and seed) to ``out_dir``; returns the comparison table as Markdown.
     """
     grid = grid or demo_grid()
     out_dir = Path(out_dir)
@@ -515,6 +556,12 @@ def demo(out_dir, *, grid: GridConfig | None = None, progress: bool = True, over
     reliability_panels({ev: {m: (saved[m, seed][f"{ev}.mean_probs"], saved[m, seed][f"{ev}.labels"])
                              for m in grid.methods} for ev in evals},
                        out_dir / "reliability.png", title=f"reliability on the test questions (seed {seed})")
+    curves = {(f"{r['method']}" + (f" seed {r['seed']}" if len(grid.seeds) > 1 else "")): r["curve"]
+              for r in load_results(out_dir) if r.get("curve")}
+    if curves:
+        n = next(iter(curves.values()))[0].get("n", "?")
+        heldout_curves_plot(curves, out_dir / "curves.png", metrics=("ece", "nll", "mean_conf"),
+                            title=f"held-out ECE, NLL and mean confidence during training ({n} test questions)")
     if len(grid.methods) == 2:  # the paired difference of the two methods, with its noise on these questions
         a, b = grid.methods[1], grid.methods[0]
         diffs = paired_differences(out_dir, load_results(out_dir), method=a, against=(b,))

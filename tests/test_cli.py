@@ -39,6 +39,12 @@ def test_demo_defaults_to_its_own_budget_and_prior(monkeypatch):
     seen.clear()
     assert main(["demo", "--out", "unused", "--quiet", "--guide-lr", "0.01"]) == 0
     assert seen["grid"].guide_lr == 0.01
+    assert g.curve_every == experiment.DEMO_CURVE_EVERY
+    seen.clear()
+    assert main(["demo", "--out", "unused", "--quiet", "--curve-every", "0"]) == 0
+    assert seen["grid"].curve_every is None  # 0: no curve
+    seen.clear()
+    assert main(["demo", "--out", "unused", "--quiet", "--curve-every", "-1"]) == 2
     seen.clear()
     assert main(["demo", "--out", "unused", "--quiet", "--normalize", "tokens"]) == 0
     assert seen["grid"].normalize == "tokens" and g.normalize == "none"

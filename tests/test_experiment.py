@@ -246,3 +246,51 @@ def test_paired_differences_refuse_runs_on_other_questions(tmp_path):
         paired_differences(tmp_path, load_results(tmp_path), against=("mle",))
     path.unlink()  # a run from before predictions were saved: no paired row, no error
     assert paired_differences(tmp_path, load_results(tmp_path), against=("mle",)) == []
+
+
+@pytest.mark.filterwarnings("ignore::scalabl_pyro.convergence.ConvergenceWarning")  # 6 steps: not meant to converge
+def test_heldout_curve_is_recorded_and_leaves_the_run_unchanged(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from scalabl_pyro.metrics import classification_metrics
+
+    # 8 training questions, batch 4: 2 steps per epoch, so a curve every epoch has points at steps 2, 4, 6
+    plain = tiny_grid(steps=6, ood={})
+    curved = tiny_grid(steps=6, ood={}, curve_every=1.0, curve_limit=4)
+    run_grid(plain, tmp_path / "plain", progress=False)
+    run_grid(curved, tmp_path / "curved", progress=False)
+    a = {r["method"]: r for r in load_results(tmp_path / "plain")}
+    b = {r["method"]: r for r in load_results(tmp_path / "curved")}
+    for method in ("mle", "scalabl"):
+        assert a[method]["curve"] is None
+        curve = b[method]["curve"]
+        assert [(c["step"], c["epoch"], c["n"]) for c in curve] == [(2, 1.0, 4), (4, 2.0, 4), (6, 3.0, 4)]
+        # forked RNG, dropout off: the same training trajectory and test numbers with or without the curve
+        assert b[method]["final_loss"] == pytest.approx(a[method]["final_loss"], abs=1e-6)
+        for k in ("acc", "ece", "nll", "brier"):
+            assert b[method]["metrics"]["countries"][k] == pytest.approx(a[method]["metrics"]["countries"][k], abs=1e-6)
+    # plain LoRA is deterministic: its last curve point is the final model on the first 4 test questions
+    saved = load_file(str(run_dir(tmp_path / "curved", "countries", "mle", 0) / "predictions.safetensors"))
+    expected = classification_metrics(saved["countries.mean_probs"][:4], saved["countries.labels"][:4])
+    for k in ("acc", "ece", "nll", "brier"):
+        assert b["mle"]["curve"][-1][k] == pytest.approx(expected[k], abs=1e-5)
+    assert torch.isfinite(torch.tensor([c["mean_conf"] for c in b["scalabl"]["curve"]])).all()
+
+
+def test_curve_options_are_validated_and_skipped_where_unsupported(tmp_path):
+    with pytest.raises(ValueError, match=r"curve_every=0 must be a positive number of epochs"):
+        tiny_grid(curve_every=0)
+    with pytest.raises(ValueError, match=r"curve_limit=0 must be a positive number of questions"):
+        tiny_grid(curve_limit=0)
+    grid = tiny_grid(methods=("ensemble",), ood={}, curve_every=1.0)
+    assert GridConfig.from_dict(grid.to_dict()) == grid  # round trip through grid.json
+    r = experiment.run_one(grid, "ensemble", "countries", 0, tmp_path, progress=False)
+    assert r["curve"] is None  # several models: no curve, and no error
+
+
+def test_demo_plots_heldout_curves(tmp_path):
+    grid = tiny_grid(steps=4, curve_every=1.0, curve_limit=4)
+    demo(tmp_path, grid=grid, progress=False)
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert experiment.demo_grid().curve_every == experiment.DEMO_CURVE_EVERY
