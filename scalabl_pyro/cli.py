@@ -68,7 +68,7 @@ def _option(p: argparse.ArgumentParser, key: str, verb: str) -> None:
                                            "(default 0)"),
         "data_dir": dict(metavar="DIR", help="folder holding the benchmark folders (arc_easy/, boolq/, mmlu/, ...); "
                                              "default $SCALABL_DATA_DIR or ../shared/data"),
-        "curve_every": dict(type=float, metavar="E", help="record held-out ECE/NLL on the first 64 test questions "
+        "curve_every": dict(type=float, metavar="E", help="record held-out ECE/NLL on the first GridConfig.curve_limit (64) test questions "
                             "every E epochs during training (result.json 'curve'; the demo plots curves.png; "
                             "demo default 2, benchmark default off; 0 turns it off)"),
         "overwrite": dict(action="store_true", help="replace results already in the output folder"),
@@ -340,8 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _verb(sub, "demo", fn=cmd_demo,
               help="fine-tune the default backbone on the default task: plain LoRA vs ScalaBL",
               description="Train plain LoRA and ScalaBL on the embedded countries task, evaluate both in "
-                          "distribution and on shifted questions, and write results.md, reliability.png and per-run "
-                          "JSON to --out.",
+                          "distribution and on shifted questions, and write results.md, reliability.png, curves.png (held-out "
+                          "ECE/NLL against epochs) and per-run JSON to --out.",
               examples="  scalabl-pyro demo                                     # SmolLM2, 200 steps, seed 0 (~48 min, 2 CPUs)\n"
                        "  scalabl-pyro demo --seeds 0,1,2 --out runs/demo3      # mean ± std over 3 seeds\n"
                        "  scalabl-pyro demo --backbone tiny --steps 2 --quiet   # a smoke run in seconds\n")

@@ -26,22 +26,20 @@ from safetensors.torch import load_file, save_file
 from ._utils import atomic_path, atomic_write_json, atomic_write_text
 from .backbones import load_backbone, resolve_device, tiny_llama
 from .config import ScalaBLConfig, TrainConfig, _JsonConfig
+from .convergence import HeldoutCurve
 from .data import TaskData, load_task
 from .harness.paired import paired_differences
 from .harness.report import write_report_section
-from .convergence import HeldoutCurve
-from .methods import METHODS, PRIORS, resolve_prior, train_method
+from .methods import METHODS, NO_CALLBACK, PRIORS, resolve_prior, train_method
 from .metrics import (ece_accuracy_plot, format_table, heldout_curves_plot, ood_auroc, reliability_diagram,
                       reliability_panels)
 from .tasks import country_task
 
 __all__ = ["GridConfig", "resolve_task", "run_dir", "run_one", "run_grid", "report_grid", "summarize", "demo",
            "compare_guides", "DEMO_METHODS", "GridMismatchError", "check_finished", "RUN_SETTINGS", "DEMO_PRIOR",
-           "DEMO_STEPS", "DEMO_GUIDE_LR", "DEMO_CURVE_EVERY", "demo_grid", "NO_CURVE"]
+           "DEMO_STEPS", "DEMO_GUIDE_LR", "DEMO_CURVE_EVERY", "demo_grid"]
 
 METRIC_KEYS = ("acc", "ece", "nll", "brier")
-#: Methods that record no held-out curve (several models, or their own training loop).
-NO_CURVE = ("ensemble", "scalabl_bayesadapt")
 DEMO_METHODS = ("mle", "scalabl")
 #: The demo's prior: with 156 training questions Normal(0, 1) pulls s to ~10% of s0 and ScalaBL trails plain
 #: LoRA; Normal(s0, 1) does not (chosen on a validation split of the training countries, bench/demo_recipe.py).
@@ -222,7 +220,7 @@ def run_one(grid: GridConfig, method: str, dataset: str, seed: int, out_dir, *, 
     tc = grid.train_config(seed=seed, num_examples=len(train))
     curves: list[HeldoutCurve] = []
     make_callback = None
-    if grid.curve_every is not None and method not in NO_CURVE:
+    if grid.curve_every is not None and method not in NO_CALLBACK:
         curve_set = list(evals[dataset].examples[:grid.curve_limit])
 
         def make_callback(model, guide):
@@ -556,15 +554,16 @@ def demo(out_dir, *, grid: GridConfig | None = None, progress: bool = True, over
     reliability_panels({ev: {m: (saved[m, seed][f"{ev}.mean_probs"], saved[m, seed][f"{ev}.labels"])
                              for m in grid.methods} for ev in evals},
                        out_dir / "reliability.png", title=f"reliability on the test questions (seed {seed})")
-    curves = {(f"{r['method']}" + (f" seed {r['seed']}" if len(grid.seeds) > 1 else "")): r["curve"]
-              for r in load_results(out_dir) if r.get("curve")}
+    results = load_results(out_dir)
+    curves = {r["method"] + (f" seed {r['seed']}" if len(grid.seeds) > 1 else ""): r["curve"]
+              for r in results if r.get("curve")}
     if curves:
         n = next(iter(curves.values()))[0].get("n", "?")
         heldout_curves_plot(curves, out_dir / "curves.png", metrics=("ece", "nll", "mean_conf"),
                             title=f"held-out ECE, NLL and mean confidence during training ({n} test questions)")
     if len(grid.methods) == 2:  # the paired difference of the two methods, with its noise on these questions
         a, b = grid.methods[1], grid.methods[0]
-        diffs = paired_differences(out_dir, load_results(out_dir), method=a, against=(b,))
+        diffs = paired_differences(out_dir, results, method=a, against=(b,))
         table += (f"\n\n{a} - {b}, mean over {len(grid.seeds)} seed(s), with a 95% paired bootstrap interval over "
                   f"the questions (an interval holding 0: no difference beyond the noise of this test set; `*`: "
                   f"it excludes 0):\n\n" + format_table(diffs, columns=["eval", *METRIC_KEYS]))

@@ -49,13 +49,15 @@ from .scoring import AdaptedLM
 from .train import fit
 from .trunk import last_layers
 
-__all__ = ["METHODS", "BLoB", "Trained", "train_method", "save_trained", "load_trained", "validation_split",
+__all__ = ["METHODS", "NO_CALLBACK", "BLoB", "Trained", "train_method", "save_trained", "load_trained", "validation_split",
            "laplace_guide",
            "lora_parameter_count",
            "fit_bayesadapt_recipe"]
 
 METHODS = ("mle", "map", "scalabl", "blob", "laplace", "mcdropout", "ensemble", "scalabl_bayesadapt", "temperature",
            "scalabl_last2")
+#: Methods whose training takes no ``make_callback`` (several models, or their own loop).
+NO_CALLBACK = ("ensemble", "scalabl_bayesadapt")
 #: ``scalabl_last2``: partial-Bayesian ScalaBL, only ``lm_head`` and the last ``PARTIAL_LAYERS`` decoder layers
 #: stochastic (:func:`~scalabl_pyro.trunk.last_layers`); posterior samples share the layers below.
 PARTIAL_LAYERS = 2
@@ -301,7 +303,7 @@ def train_method(method: str, backbone_fn: Callable[[], tuple], train_examples: 
     if checkpoint_dir is not None and method == "scalabl_bayesadapt":
         raise ValueError("scalabl_bayesadapt trains with its own loop, which does not checkpoint; drop checkpoint_dir")
     ck = {"checkpoint_dir": checkpoint_dir, "checkpoint_every": checkpoint_every} if checkpoint_dir is not None else {}
-    if make_callback is not None and method in ("ensemble", "scalabl_bayesadapt"):
+    if make_callback is not None and method in NO_CALLBACK:
         raise ValueError(f"make_callback is not supported for {method!r} (several models, or its own loop); "
                          "drop it, or train the members one by one with fit()")
 
