@@ -12,7 +12,8 @@ What it measures (medians over ``--repeats`` timed steps; warmup steps excluded;
                     ``Trace_ELBO(max_plate_nesting=1).differentiable_loss`` + one fused AdamW over
                     ``net.trainable_parameters() + guide.parameters()``. ``svi - torch`` isolates the
                     Pyro optimizer (one AdamW + clipping per parameter tensor) from the model itself.
-* ``scalabl_fit``   the step ``train.fit`` takes: ``elbo_loss`` (ELBO summed on the device) + ``FusedAdamW``
+* ``scalabl_fit``   the step ``train.fit`` takes: ``autonormal_elbo_loss`` (the default guide's ELBO, all sites at
+                    once, summed on the device; ``elbo_loss`` for other guides) + ``FusedAdamW``
                     (one fused AdamW in two groups, per-tensor clipping in one pass, LR schedule), one host
                     read; on its own backbone copy.
 * ``vectorized_fit`` the same step on ``ScalaBL(net, layout="vectorized")`` (one plated site ``lora.s``).
@@ -308,8 +309,9 @@ def scalabl_model(lm, tok, config, num_data, batch_examples, layout="modules"):
     return net, model, guide
 
 
-def build_scalabl(lm, tok, config, num_data, batch_examples, layout="modules"):
-    """ScalaBL model (``layout``) + default guide; returns (net, model, guide, svi_step, sched_step, torch_step)."""
+def build_scalabl(lm, tok, config, num_data, batch_examples, layout="modules", fused=False):
+    """ScalaBL model (``layout``) + default guide; returns (net, model, guide, svi_step, sched_step, torch_step).
+    ``fused``: ``make_optimizer(fused=True)`` (one fused AdamW) instead of Pyro's per-tensor optimizers."""
     from pyro.infer import SVI, Trace_ELBO
 
     from scalabl_pyro.config import TrainConfig
@@ -317,7 +319,7 @@ def build_scalabl(lm, tok, config, num_data, batch_examples, layout="modules"):
 
     net, model, guide = scalabl_model(lm, tok, config, num_data, batch_examples, layout=layout)
     tcfg = TrainConfig()
-    optim = make_optimizer(tcfg, model_prefix=model.name)
+    optim = make_optimizer(tcfg, model_prefix=model.name, fused=fused)
     svi = SVI(model, guide, optim, make_elbo(tcfg))
     elbo = Trace_ELBO(max_plate_nesting=1)
     params = list(net.trainable_parameters()) + list(guide.parameters())
@@ -340,20 +342,28 @@ def build_scalabl(lm, tok, config, num_data, batch_examples, layout="modules"):
 
 
 def build_fit_step(lm, tok, config, num_data, batch_examples, layout="modules"):
-    """The step ``train.fit`` takes (:func:`elbo_loss` + :class:`FusedAdamW`, one host read) on its own model."""
+    """The step ``train.fit`` takes (:func:`autonormal_elbo_loss` for the default guide, else :func:`elbo_loss`;
+    :class:`FusedAdamW`; one host read; Pyro's validation off) on its own model."""
+    import pyro
     from pyro import poutine
 
     from scalabl_pyro.config import TrainConfig
-    from scalabl_pyro.optim import FusedAdamW, elbo_loss
+    from scalabl_pyro.optim import FusedAdamW, autonormal_elbo_loss, autonormal_path_applies, elbo_loss
     from scalabl_pyro.train import make_elbo
 
     net, model, guide = scalabl_model(lm, tok, config, num_data, batch_examples, layout=layout)
     tcfg = TrainConfig()
     optim, elbo = FusedAdamW(tcfg, model_prefix=model.name), make_elbo(tcfg)
 
+    with pyro.validation_enabled(tcfg.validate):
+        fast = autonormal_path_applies(elbo, model, guide)  # the guide has run (scalabl_model): True here
+
     def fit_step(b):
-        with poutine.trace(param_only=True) as params:
-            loss, surrogate = elbo_loss(elbo, model, guide, b, b["labels"], num_data=num_data)
+        with pyro.validation_enabled(tcfg.validate), poutine.trace(param_only=True) as params:
+            if fast:
+                loss, surrogate = autonormal_elbo_loss(model, guide, b, b["labels"], num_data=num_data)
+            else:
+                loss, surrogate = elbo_loss(elbo, model, guide, b, b["labels"], num_data=num_data)
         surrogate.backward()
         optim.step(params.trace)
         return float(loss)
@@ -648,7 +658,7 @@ def main(argv=None) -> int:
         "paired scalabl_svi/lora": "median over repeats of the within-repeat ratio",
         "min scalabl_svi/lora": "ratio of fastest steps; robust when other processes share the CPU",
         "scalabl_svi/scalabl_torch": "Pyro optimizer overhead (per-tensor AdamW + clipping)",
-        "scalabl_fit/lora": "train.fit's step (elbo_loss + FusedAdamW), per-module sites",
+        "scalabl_fit/lora": "train.fit's step (AutoNormal ELBO + FusedAdamW), per-module sites",
         "vectorized_fit/lora": "train.fit's step, ScalaBL(layout='vectorized'): one plated site",
     }
     print("\n## Training step time (median ms)\n")

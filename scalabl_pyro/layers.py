@@ -13,6 +13,7 @@ multiplies block ``p`` by ``s[p]``.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 from typing import Iterator, Mapping
 
@@ -76,7 +77,10 @@ def add_lora(backbone: nn.Module, config: ScalaBLConfig, *, seed: int = 0):
     )
     # peft draws the adapters on the CPU (then moves them to the layer's device): the same seed gives the
     # same start on any device.
-    with torch.random.fork_rng():
+    with torch.random.fork_rng(), warnings.catch_warnings():
+        # peft 0.21 reads transformers' deprecated `is_gradient_checkpointing` (a FutureWarning from transformers
+        # 5.x on every call, not about anything the user did); only that one message is silenced
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
         torch.manual_seed(seed)
         return get_peft_model(backbone, lcfg)
 

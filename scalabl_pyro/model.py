@@ -278,7 +278,6 @@ class ScalaBL(LoRAModel):
         return {k: s0[k].clone() for k in self._sites}
 
     def __call__(self, batch, labels=None, *, num_data: int | None = None):
-        register_adapters(self.name, self._adapters)
         scale = poutine.scale(scale=self.kl_weight) if self.kl_weight != 1.0 else contextlib.nullcontext()
         sites = self._sites
         ev = next(iter(sites.values())).event_shape
@@ -298,20 +297,33 @@ class ScalaBL(LoRAModel):
                 # rightmost is 1. Predictive(parallel=True) reshapes event-shaped samples to (S, *event) without
                 # that 1: then every batch dim is a sample dim.
                 out_lead = lead[:-1] if lead and lead[-1] == 1 else lead
-        B, C = batch["labels"].shape[0], self.num_classes
         if _in_shape_pass():
-            logits = torch.zeros(*out_lead, B, C, device=self.net.device)
+            register_adapters(self.name, self._adapters)
+            B, C = batch["labels"].shape[0], self.num_classes
+            return self._likelihood(torch.zeros(*out_lead, B, C, device=self.net.device), labels, num_data)
+        if self.layout == "vectorized":  # one unbind: its backward is one stack
+            v = s[self.vector_site]
+            flat = dict(zip(sites, v.reshape(-1, len(sites), *ev).unbind(1)))
         else:
-            if self.layout == "vectorized":  # one unbind: its backward is one stack
-                v = s[self.vector_site]
-                flat = dict(zip(sites, v.reshape(-1, len(sites), *ev).unbind(1)))
-            else:
-                flat = {k: v.expand(*lead, *ev).reshape(-1, *ev) for k, v in s.items()}
-            # partial: the other modules at s0, one value shared by all particles (logits moves it to the device)
-            flat.update({k: v.s0[None] for k, v in self._fixed.items()})
-            logits = self.net.logits(batch, s=flat)  # (P, B, C), P = prod(lead)
-            logits = logits.reshape(*out_lead, B, C)
-        return self._likelihood(logits, labels, num_data)
+            flat = {k: v.expand(*lead, *ev).reshape(-1, *ev) for k, v in s.items()}
+        return self.observe(batch, labels, flat, lead=out_lead, num_data=num_data)
+
+    def observe(self, batch, labels, s: Mapping[str, torch.Tensor], *, lead: tuple = (), num_data: int | None = None):
+        """The model's data part for given latent values: the sites ``probs`` and ``obs`` only (no latent site).
+
+        :param s: ``{lora.<module>.s: (P, r)}`` for every stochastic module, ``P = prod(lead)`` particles (or 1).
+        :param lead: the particle shape of the logits, ``(P,)`` or ``()`` for one particle.
+
+        ``model(batch, labels)`` samples ``s`` and calls this; :func:`~scalabl_pyro.optim.autonormal_elbo_loss`
+        calls it with a guide draw (``Trace_ELBO`` of the whole model, its latent terms computed vectorized).
+        """
+        register_adapters(self.name, self._adapters)
+        B, C = batch["labels"].shape[0], self.num_classes
+        flat = dict(s)
+        # partial: the other modules at s0, one value shared by all particles (logits moves it to the device)
+        flat.update({k: v.s0[None] for k, v in self._fixed.items()})
+        logits = self.net.logits(batch, s=flat)  # (P, B, C), P = prod(lead)
+        return self._likelihood(logits.reshape(*lead, B, C), labels, num_data)
 
 
 def _stochastic_sites(net: AdaptedLM, stochastic) -> tuple[tuple[str, ...] | None, dict]:

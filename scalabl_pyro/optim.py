@@ -10,6 +10,13 @@ site). ``fit`` trains the same model with the same numbers through :class:`Fused
   decay), one ``LambdaLR`` schedule, and Pyro's per-tensor norm clipping done for all tensors in one
   vectorized pass. Adam is elementwise, so this is the very update of Pyro's per-tensor optimizers.
 * :func:`elbo_loss`: the ELBO's loss and surrogate as tensors (no host read; ``fit`` reads the loss once).
+* :func:`autonormal_elbo_loss`: for the default posterior (``AutoNormal`` on ScalaBL, ``Trace_ELBO`` with one
+  particle) the same estimator with the same random draws, its per-site terms computed for all sites at once:
+  the guide's locs and scales stacked into ``(M, r)``, one reparameterized draw, one guide and one (stacked)
+  prior log-density, then the model's data part (:meth:`~scalabl_pyro.model.ScalaBL.observe`). Per-module
+  sites otherwise cost a few dozen ops each (two sample sites in the guide, one in the model, their
+  log-densities and backward): 61 of them cost more ops than the backbone's forward. ``fit`` uses it when
+  :func:`autonormal_path_applies`; users' ``SVI`` and ``Trace_ELBO`` see the per-module sites as always.
 
 Example::
 
@@ -24,12 +31,18 @@ from __future__ import annotations
 from typing import Callable, Mapping
 
 import torch
-from pyro.infer import TraceMeanField_ELBO
-from pyro.infer.util import is_identically_zero
+import pyro
+from pyro import poutine
+from pyro.optim import PyroOptim
+from pyro.distributions import constraints
+from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
+from pyro.infer.autoguide import AutoNormal
+from pyro.infer.util import is_identically_zero, is_validation_enabled
+from pyro.util import warn_if_nan
 
 from .config import TrainConfig
 
-__all__ = ["FusedAdamW", "elbo_loss", "clip_per_tensor_"]
+__all__ = ["DeviceTrace_ELBO", "FusedAdamW", "FusedPyroOptim", "elbo_loss", "autonormal_elbo_loss", "autonormal_path_applies", "clip_per_tensor_"]
 
 #: ``FusedAdamW.get_state()["format"]``; any other dict is read as Pyro's per-parameter ``PyroOptim`` state.
 STATE_FORMAT = "fused-adamw-1"
@@ -114,12 +127,16 @@ class FusedAdamW:
             self.add_params(self.trace_params(trace))
         if self.optimizer is None:
             return
+        self.update()
+        self.scheduler.step()
+
+    def update(self) -> None:
+        """Clip, update and set to ``None`` the gradients of every tensor; the schedule does not move."""
         grads = [p.grad for p in self.params if p.grad is not None]
         if self.config.clip_norm > 0:
             clip_per_tensor_(grads, self.config.clip_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
 
     # --------------------------------------------------------------------------- state
     def get_state(self) -> dict:
@@ -169,6 +186,46 @@ class FusedAdamW:
             self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
 
 
+class FusedPyroOptim(PyroOptim):
+    """:class:`FusedAdamW` as a ``pyro.optim.PyroOptim`` for ``SVI``: one fused AdamW and one clipping pass over
+    every parameter ``SVI.step`` hands it, where Pyro's optimizers build one AdamW and one clipping per tensor.
+    The update of :func:`~scalabl_pyro.train.make_optimizer`'s per-tensor ``LambdaLR`` (same groups, learning
+    rates, decay, clipping and schedule); :meth:`step` advances the schedule, as ``pyro.optim.LambdaLR.step()``.
+    Built by ``make_optimizer(config, fused=True)``.
+
+    Example::
+
+        optim = make_optimizer(cfg, model_prefix=model.name, fused=True)
+        svi = SVI(model, guide, optim, make_elbo(cfg))
+        for batch in batches:
+            svi.step(batch, batch["labels"], num_data=n)
+            optim.step()  # the learning-rate schedule
+    """
+
+    def __init__(self, config: TrainConfig, *, model_prefix: str = "scalabl",
+                 lr_lambda: Callable[[int], float] | None = None):
+        super().__init__(torch.optim.AdamW, {})
+        self.fused = FusedAdamW(config, model_prefix=model_prefix, lr_lambda=lr_lambda)
+
+    def __call__(self, params, *args, **kwargs) -> None:
+        store = pyro.get_param_store()
+        named = {store.param_name(p): p for p in params}  # SVI passes a set: add new ones in name order
+        self.fused.add_params(dict(sorted((k, p) for k, p in named.items() if k is not None)))
+        if self.fused.optimizer is not None:
+            self.fused.update()
+
+    def step(self, *args, **kwargs) -> None:
+        """Advance the learning-rate schedule by one step (call once per ``SVI.step``)."""
+        if self.fused.scheduler is not None:
+            self.fused.scheduler.step()
+
+    def get_state(self) -> dict:
+        return self.fused.get_state()
+
+    def set_state(self, state: dict) -> None:
+        self.fused.set_state(state)
+
+
 def elbo_loss(elbo, model, guide, *args, **kwargs) -> tuple[torch.Tensor | float, torch.Tensor]:
     """``(loss, surrogate)`` of a ``Trace_ELBO``/``TraceMeanField_ELBO`` (and their ``num_particles``) as
     tensors: ``surrogate.backward()`` gives the gradients ``elbo.loss_and_grads`` would, ``loss`` is its value
@@ -202,3 +259,102 @@ def _reparam_particle(model_trace, guide_trace):
                 surrogate = surrogate - entropy_term.sum()
     surrogate = -surrogate
     return (surrogate.detach() if torch.is_tensor(surrogate) else surrogate), surrogate
+
+
+# ------------------------------------------------------------------------ AutoNormal: all sites at once
+def _real(c) -> bool:
+    while isinstance(c, constraints.independent):
+        c = c.base_constraint
+    return c is constraints.real
+
+
+def autonormal_path_applies(elbo, model, guide) -> bool:
+    """Whether :func:`autonormal_elbo_loss` computes exactly ``elbo``'s estimator for ``model`` and ``guide``:
+    ``Trace_ELBO`` (or :class:`DeviceTrace_ELBO`) with one particle, an ``AutoNormal`` (its own ``forward``) that has run, whose sites are the
+    model's latent sites in model order, on the real line and in no subsampled plate, a ScalaBL model whose
+    priors stack into one distribution (:meth:`~scalabl_pyro.model.ScalaBL.stacked_prior`), and Pyro's
+    validation off (with it on, Pyro's own checks run: ``TrainConfig(validate=True)``)."""
+    if not isinstance(elbo, Trace_ELBO) or isinstance(elbo, TraceMeanField_ELBO) or elbo.num_particles != 1 \
+            or type(elbo)._differentiable_loss_particle is not Trace_ELBO._differentiable_loss_particle \
+            or is_validation_enabled():
+        return False
+    if not isinstance(guide, AutoNormal) or type(guide).forward is not AutoNormal.forward \
+            or guide.prototype_trace is None or getattr(guide, "create_plates", None) is not None:
+        return False
+    if not callable(getattr(model, "observe", None)) or not getattr(getattr(model, "prior", None), "fixed", False):
+        return False
+    sites = list(guide.prototype_trace.iter_stochastic_nodes())
+    if [name for name, _ in sites] != list(model.latent_sites):
+        return False
+    for _, site in sites:
+        if not _real(site["fn"].support) or any(
+                f.full_size not in (None, f.size) for f in site["cond_indep_stack"]):
+            return False
+    try:
+        model.stacked_prior()
+    except (TypeError, ValueError):  # priors of mixed families (or not stackable): the per-site ELBO
+        return False
+    return True
+
+
+def autonormal_elbo_loss(model, guide, batch, labels, *, num_data: int | None = None, guide_scale: float = 1.0):
+    """``(loss, surrogate)`` of ``Trace_ELBO`` (one particle) for ScalaBL and its ``AutoNormal`` guide, with the
+    draws ``Trace_ELBO`` would make (the same per-site standard normals, in site order) and its per-site terms
+    summed as a few ops over all sites. Call only where :func:`autonormal_path_applies`; ``tests/test_optim.py``
+    checks loss and gradients against ``Trace_ELBO().differentiable_loss``.
+
+    :param batch: a collated batch; ``labels`` its labels ``(B,)``.
+    :param guide_scale: the guide's ``poutine.scale`` (:func:`~scalabl_pyro.train.fit` scales the guide by the
+        model's ``kl_weight`` while annealing; the model scales its own latent sites by ``kl_weight``).
+    :returns: ``loss`` (detached) and ``surrogate`` (``surrogate.backward()`` gives the ELBO's gradients).
+    """
+    names = list(model.latent_sites)
+    with guide._pyro_context:  # the guide's parameters as its forward reads them (param sites for fit's optimizer)
+        locs, scales = zip(*(guide._get_loc_and_scale(name) for name in names))
+    # the draws of Normal(loc, scale).rsample() site after site: torch.empty(shape).normal_()
+    eps = [torch.empty(loc.shape, dtype=loc.dtype, device=loc.device).normal_() for loc in locs]
+    if model.layout == "vectorized":
+        loc, scale, eps = locs[0], scales[0], eps[0]
+    else:
+        loc, scale, eps = torch.stack(locs), torch.stack(scales), torch.stack(eps)
+    z = loc + eps * scale  # (M, r): one value per stochastic module, in module order
+    w = getattr(model, "kl_weight", 1.0)  # the model's latent sites are in poutine.scale(kl_weight)
+    log_q = torch.distributions.Normal(loc, scale, validate_args=False).log_prob(z).sum()
+    log_p = model.stacked_prior().log_prob(z).sum()
+    s = dict(zip(model.module_sites, z.unsqueeze(1).unbind(0)))  # {site: (1, r)}: one particle
+    with poutine.trace() as tr:
+        model.observe(batch, labels, s, num_data=num_data)
+    trace = tr.trace
+    trace.compute_log_prob(site_filter=lambda name, site: not site["infer"].get("_deterministic"))
+    terms = [site["log_prob_sum"] for site in trace.nodes.values() if site["type"] == "sample" and "log_prob_sum" in site]
+    log_lik = terms[0] if len(terms) == 1 else sum(terms)
+    kl = log_p - log_q if w == 1.0 and guide_scale == 1.0 else w * log_p - guide_scale * log_q  # -KL estimate
+    surrogate = -(log_lik + kl)
+    return surrogate.detach(), surrogate
+
+
+class DeviceTrace_ELBO(Trace_ELBO):
+    """Pyro's ``Trace_ELBO`` whose :meth:`loss_and_grads` (what ``SVI.step`` calls) keeps the per-site terms on the
+    device: :func:`autonormal_elbo_loss` where :func:`autonormal_path_applies` (the default guide, Pyro's
+    validation off), :func:`elbo_loss` otherwise; one host read per step, for the float ``SVI.step`` returns.
+    The same estimator, draws and gradients as ``Trace_ELBO`` (whose ``loss`` and ``differentiable_loss`` it keeps);
+    :func:`~scalabl_pyro.train.make_elbo` builds it.
+
+    Example::
+
+        svi = SVI(model, guide, make_optimizer(cfg), DeviceTrace_ELBO(max_plate_nesting=1))
+        with pyro.validation_enabled(False):  # Pyro's checks read every site's value back to the host
+            loss = svi.step(batch, batch["labels"], num_data=n)
+    """
+
+    def loss_and_grads(self, model, guide, *args, **kwargs):
+        if len(args) == 2 and args[1] is not None and set(kwargs) <= {"num_data"} \
+                and autonormal_path_applies(self, model, guide):
+            loss, surrogate = autonormal_elbo_loss(model, guide, *args, **kwargs)
+        else:
+            loss, surrogate = elbo_loss(self, model, guide, *args, **kwargs)
+        if torch.is_tensor(surrogate) and surrogate.requires_grad:
+            surrogate.backward()
+        loss = float(loss)
+        warn_if_nan(loss, "loss")
+        return loss

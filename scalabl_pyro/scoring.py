@@ -159,24 +159,27 @@ class AdaptedLM:
         lk = max(len(c) for row in conts for c in row)
         lc = min(max(len(c) for c in ctxs), max(1, self.config.max_length - lk))
         pad = tok.pad_token_id
-        B = len(examples)
-        ctx_ids = torch.full((B, lc), pad, dtype=torch.long)
-        ctx_mask = torch.zeros((B, lc), dtype=torch.long)
-        cont_ids = torch.full((B, C, lk), pad, dtype=torch.long)
-        cont_mask = torch.zeros((B, C, lk), dtype=torch.long)
-        cont_chars = torch.ones((B, C))
+        # padded rows built as Python lists, one tensor per field: a handful of ops per batch, not a few per example
+        ctx_ids, ctx_mask, cont_ids, cont_mask, cont_chars = [], [], [], [], []
         index = []  # flat positions of the real continuation tokens in (B, C, Lk), from the host's lists
         for i, (c, row) in enumerate(zip(ctxs, conts)):
             c = c[-lc:]
-            ctx_ids[i, lc - len(c):] = torch.tensor(c)
-            ctx_mask[i, lc - len(c):] = 1
-            for k, cids in enumerate(row):
-                cont_ids[i, k, :len(cids)] = torch.tensor(cids)
-                cont_mask[i, k, :len(cids)] = 1
-                cont_chars[i, k] = max(1, len(examples[i].continuations[k]))
+            ctx_ids.append([pad] * (lc - len(c)) + c)
+            ctx_mask.append([0] * (lc - len(c)) + [1] * len(c))
+            ids_i, mask_i, chars_i = [], [], []
+            for k in range(C):
+                cids = row[k] if k < len(row) else []
+                ids_i.append(cids + [pad] * (lk - len(cids)))
+                mask_i.append([1] * len(cids) + [0] * (lk - len(cids)))
+                chars_i.append(float(max(1, len(examples[i].continuations[k]))) if k < len(row) else 1.0)
                 index.extend(range((i * C + k) * lk, (i * C + k) * lk + len(cids)))
-        batch.update(ctx_ids=ctx_ids, ctx_mask=ctx_mask, cont_ids=cont_ids, cont_mask=cont_mask, cont_chars=cont_chars,
-                     cont_index=torch.tensor(index, dtype=torch.long))
+            cont_ids.append(ids_i)
+            cont_mask.append(mask_i)
+            cont_chars.append(chars_i)
+        long = torch.long
+        batch.update(ctx_ids=torch.tensor(ctx_ids, dtype=long), ctx_mask=torch.tensor(ctx_mask, dtype=long),
+                     cont_ids=torch.tensor(cont_ids, dtype=long), cont_mask=torch.tensor(cont_mask, dtype=long),
+                     cont_chars=torch.tensor(cont_chars), cont_index=torch.tensor(index, dtype=long))
         return batch
 
     # --------------------------------------------------------------- forward

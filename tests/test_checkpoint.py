@@ -246,6 +246,7 @@ def test_finished_checkpoint_returns_without_training(make_model, examples, tmp_
         raise AssertionError("trained")
 
     monkeypatch.setattr(train_mod, "elbo_loss", no_step)
+    monkeypatch.setattr(train_mod, "autonormal_elbo_loss", no_step)
     model, guide = _build(make_model, "scalabl")
     with caplog.at_level(logging.INFO, logger="scalabl_pyro.train"):
         res = fit(model, guide, examples, config=CFG, progress=False, checkpoint_dir=tmp_path,

@@ -13,6 +13,7 @@ from conftest import synthetic_examples
 from scalabl_pyro.config import TrainConfig
 from scalabl_pyro.guides import default_guide
 from scalabl_pyro.train import FitResult, empty_guide, fit, lr_lambda, make_elbo, make_optimizer
+from scalabl_pyro.optim import DeviceTrace_ELBO
 
 
 # ------------------------------------------------------------------------------------- lr schedule
@@ -111,14 +112,14 @@ def test_clip_args():
 
 
 @pytest.mark.parametrize("elbo, n, vec, cls, vectorized", [
-    ("trace", 1, True, Trace_ELBO, False),
-    ("trace", 4, True, Trace_ELBO, True),
-    ("trace", 4, False, Trace_ELBO, False),
+    ("trace", 1, True, DeviceTrace_ELBO, False),
+    ("trace", 4, True, DeviceTrace_ELBO, True),
+    ("trace", 4, False, DeviceTrace_ELBO, False),
     ("meanfield", 2, True, TraceMeanField_ELBO, True),
 ])
 def test_make_elbo(elbo, n, vec, cls, vectorized):
     e = make_elbo(TrainConfig(elbo=elbo, num_particles=n, vectorize_particles=vec))
-    assert type(e) is cls
+    assert type(e) is cls and isinstance(e, Trace_ELBO)
     # max_plate_nesting=1 is passed (no guessing run); Pyro adds one dim for the vectorized particle plate
     assert e.num_particles == n and e.vectorize_particles is vectorized
     assert e.max_plate_nesting == (2 if vectorized else 1)
@@ -211,6 +212,8 @@ def test_kl_weight_scales_guide_too(make_model, examples, monkeypatch):
         return original(elbo, model_, guide_, *args, **kwargs)
 
     monkeypatch.setattr(train_mod, "elbo_loss", elbo_loss)
+    # Pyro's per-site path at every step (fit's AutoNormal path scales both terms too: tests/test_optim.py)
+    monkeypatch.setattr(train_mod, "autonormal_path_applies", lambda *a: False)
     fit(model, guide, examples, config=TrainConfig(steps=2, batch_size=4, kl_weight=0.3), progress=False)
     assert scales == pytest.approx([0.3, 0.3])
 
@@ -268,21 +271,24 @@ def test_fit_without_examples(make_model):
         fit(model, default_guide(model), [], progress=False)
 
 
-def _nan_after(n):
-    original = train_mod.elbo_loss
+def _nan_after(n, monkeypatch):
+    """Make fit's ELBO (either path: Pyro's per-site terms or the AutoNormal path) NaN from call n + 1 on."""
     calls = []
 
-    def elbo_loss(*args, **kwargs):
-        calls.append(1)
-        loss, surrogate = original(*args, **kwargs)
-        return (loss * float("nan") if len(calls) > n else loss), surrogate
+    def wrap(original):
+        def loss_fn(*args, **kwargs):
+            calls.append(1)
+            loss, surrogate = original(*args, **kwargs)
+            return (loss * float("nan") if len(calls) > n else loss), surrogate
+        return loss_fn
 
-    return elbo_loss
+    for name in ("elbo_loss", "autonormal_elbo_loss"):
+        monkeypatch.setattr(train_mod, name, wrap(getattr(train_mod, name)))
 
 
 def test_non_finite_elbo_raises(make_model, examples, monkeypatch):
     model = make_model("letter")
-    monkeypatch.setattr(train_mod, "elbo_loss", _nan_after(2))
+    _nan_after(2, monkeypatch)
     seen = []
     with pytest.raises(FloatingPointError, match="step 2"):
         fit(model, default_guide(model), examples, config=TrainConfig(steps=5, batch_size=4), progress=False,
@@ -292,7 +298,7 @@ def test_non_finite_elbo_raises(make_model, examples, monkeypatch):
 
 def test_kl_weight_restored_after_failure(make_model, examples, monkeypatch):
     model = make_model("letter")
-    monkeypatch.setattr(train_mod, "elbo_loss", _nan_after(1))
+    _nan_after(1, monkeypatch)
     with pytest.raises(FloatingPointError):
         fit(model, default_guide(model), examples, config=TrainConfig(steps=10, batch_size=4, kl_anneal=1.0),
             progress=False)
