@@ -128,8 +128,10 @@ def fit(model, guide, examples: Sequence, *, config: TrainConfig = TrainConfig()
     """Train ``model``/``guide`` on ``examples`` for ``config.steps`` minibatch steps of SVI.
 
     Each step is ``SVI(model, guide, make_optimizer(config), make_elbo(config)).step(batch, labels,
-    num_data=N)`` taken through :class:`~scalabl_pyro.optim.FusedAdamW` and :func:`~scalabl_pyro.optim.elbo_loss`
-    (the same parameters after every step, up to float rounding; ``tests/test_optim.py`` checks it).
+    num_data=N)`` taken through :class:`~scalabl_pyro.optim.FusedAdamW` and :func:`~scalabl_pyro.optim.elbo_loss`,
+    or, for the default posterior (:func:`~scalabl_pyro.optim.autonormal_path_applies`), through
+    :func:`~scalabl_pyro.optim.autonormal_elbo_loss` (every site's terms at once, the same draws) from the second
+    step on (the same parameters after every step, up to float rounding; ``tests/test_optim.py`` checks it).
 
     :param guide: an autoguide (ScalaBL), or ``None`` for a model without latent sites (MLE/MAP).
     :param callback: called as ``callback(step, loss)`` after every step this call runs.
