@@ -182,13 +182,15 @@ def _save_state(obj, path: Path) -> None:
 
 def save_checkpoint(checkpoint_dir, *, step: int, config: TrainConfig, fingerprint: dict, losses: list,
                     seconds: float, optim, generator: torch.Generator, order: torch.Tensor, pos: int,
-                    kl_weight: float | None = None, history: dict | None = None) -> Path:
+                    kl_weight: float | None = None, history: dict | None = None, rng: dict | None = None) -> Path:
     """Write the checkpoint after ``step`` completed steps to ``checkpoint_dir/step-<step>`` atomically.
 
     Saves the whole param store, ``optim``'s ``get_state()`` (a :class:`~scalabl_pyro.optim.FusedAdamW`, or a
     :class:`pyro.optim.PyroOptim` with its per-parameter LR scheduler counters), the RNG states, the minibatch ``generator``/``order``/``pos`` and the history; then
     deletes older checkpoints and stale temporary directories.
 
+    :param rng: the RNG states to record (default: this process's :func:`rng_state`; a data-parallel
+        :func:`~scalabl_pyro.train.fit` passes ``{"ranks": [every rank's rng_state()]}``).
     :returns: the new checkpoint's directory.
     """
     root = Path(checkpoint_dir)
@@ -203,7 +205,7 @@ def save_checkpoint(checkpoint_dir, *, step: int, config: TrainConfig, fingerpri
             "history": history or {},
             "kl_weight": kl_weight, "pos": int(pos), "params": {k: list(v.shape) for k, v in params.items()},
             "constraints": constraints, "torch": torch.__version__, "pyro": pyro.__version__}
-    state = {"optim": optim_state, "rng": rng_state(), "generator": generator.get_state(), "order": order.clone()}
+    state = {"optim": optim_state, "rng": rng if rng is not None else rng_state(), "generator": generator.get_state(), "order": order.clone()}
     with atomic_dir(target) as tmp:
         _save_tensors(params, tmp / PARAMS)
         _save_state(state, tmp / STATE)

@@ -232,11 +232,14 @@ _BAYES = ("scalabl", "scalabl_last2")
 def cmd_train(args) -> int:
     import torch
 
+    from . import distributed
     from .config import ScalaBLConfig, TrainConfig
     from .experiment import backbone_factory, resolve_task
     from .io import RunExistsError, save_run
     from .methods import train_method
 
+    dp = distributed.init_from_env()  # under torchrun / accelerate launch: data-parallel fit, rank 0 writes
+    main = distributed.is_main()
     if args.method not in _BAYES:
         given = [f for f, v in (("--guide", args.guide), ("--prior", args.prior), ("--guide-lr", args.guide_lr),
                                 ("--kl-anneal", args.kl_anneal)) if v is not None]
@@ -260,7 +263,10 @@ def cmd_train(args) -> int:
         if not args.overwrite:
             raise UsageError(f"{ckpt_dir} holds the checkpoint of an unfinished run: pass --resume to continue it "
                              "(same options as before), or --overwrite to start over")
-        shutil.rmtree(ckpt_dir)
+        if main:
+            shutil.rmtree(ckpt_dir)
+    if dp:
+        torch.distributed.barrier()  # every rank sees the same checkpoint folder from here on
     train = resolve_task(args.dataset, "train", data_dir=args.data_dir, limit=args.train_limit, seed=args.seed)
     cfg = ScalaBLConfig(scoring=args.scoring or "choice", normalize=args.normalize or "none", r=args.r)
     _check_budget(args)
@@ -272,14 +278,19 @@ def cmd_train(args) -> int:
     torch.manual_seed(args.seed)
     trained = train_method(args.method, backbone_factory(backbone, args.device or "auto"), list(train.examples),
                            label_words=train.label_words, config=cfg, train_config=tc, guide=guide,
-                           prior=args.prior, progress=not args.quiet, checkpoint_dir=ckpt_dir,
+                           prior=args.prior, progress=not args.quiet and main, checkpoint_dir=ckpt_dir,
                            checkpoint_every=args.checkpoint_every)
+    if not main:
+        torch.distributed.barrier()  # rank 0 writes the run
+        return 0
     save_run(out, trained.models[0], trained.guide, train_config=tc, backbone=backbone, overwrite=args.overwrite,
              meta={"dataset": args.dataset, "method": args.method, "train": tc.to_dict(),
                    "prior": (args.prior or "s0") if args.method in _BAYES else None,
                    "final_loss": trained.losses[-1], "fit_seconds": trained.fit_seconds})
     print(f"trained {args.method} on {args.dataset} ({len(train)} examples, {tc.steps} steps, "
-          f"{trained.fit_seconds:.0f} s); saved to {out}")
+          f"{trained.fit_seconds:.0f} s{f', {distributed.world_size()} processes' if dp else ''}); saved to {out}")
+    if dp:
+        torch.distributed.barrier()
     return 0
 
 
@@ -455,6 +466,15 @@ def main(argv=None) -> int:
                 else "finished runs are kept: rerun to resume")
         print(f"interrupted; {hint}", file=sys.stderr)
         return 130
+    finally:
+        _end_process_group()
+
+
+def _end_process_group() -> None:
+    """Close the torch.distributed group a data-parallel ``train`` started (torchrun), if any."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

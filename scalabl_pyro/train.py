@@ -21,6 +21,7 @@ from pyro import poutine
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
 from . import checkpoint as ckpt
+from . import distributed
 from .config import TrainConfig
 from .convergence import check_convergence, posterior_summary
 from .guides import check_fresh_guide
@@ -121,6 +122,20 @@ def _lora_dropout(model) -> list[torch.nn.Module]:
             if isinstance(d, torch.nn.Dropout)]
 
 
+def _rank_rng(state: dict, dp: bool) -> dict:
+    """This process's RNG state from a checkpoint's (one state, or one per rank of a data-parallel run)."""
+    if "ranks" not in state:
+        if dp:
+            raise ckpt.CheckpointMismatchError("the checkpoint comes from a single-process run; resume it with one "
+                                               "process (or start the data-parallel run afresh)")
+        return state
+    states, W = state["ranks"], distributed.world_size()
+    if len(states) != W:
+        raise ckpt.CheckpointMismatchError(f"the checkpoint comes from a run of {len(states)} processes; resume it "
+                                           f"with {len(states)} (now {W}): each process continues its own draws")
+    return states[distributed.rank()]
+
+
 def fit(model, guide, examples: Sequence, *, config: TrainConfig = TrainConfig(), progress: bool = True,
         callback: Callable[[int, float], None] | None = None, checkpoint_dir: str | os.PathLike | None = None,
         checkpoint_every: int | None = None, monitor_every: int | None = None,
@@ -151,6 +166,11 @@ def fit(model, guide, examples: Sequence, *, config: TrainConfig = TrainConfig()
     :param monitor_every: with a guide, record the KL term and the median posterior std (:mod:`scalabl_pyro.
         convergence`) after the first step and every ``monitor_every`` steps (default ``max(1, steps // 100)``;
         16 guide draws each, under a forked RNG: the trajectory does not change).
+    Under ``torchrun``/``accelerate launch`` (a ``torch.distributed`` group of several processes, see
+    :mod:`scalabl_pyro.distributed`) every process calls ``fit`` alike: each takes its share of every global
+    batch of ``config.batch_size``, draws its own ``s``, and the gradients are averaged before the update;
+    only rank 0 shows progress, warns and writes checkpoints.
+
     :param warn_unconverged: at the end, warn (:class:`~scalabl_pyro.convergence.ConvergenceWarning`, naming the
         fix) when the posterior scales ended within 1.5x of their start or the KL term is still moving.
     :returns: :class:`FitResult` with the per-step losses divided by the data set size (from step 0, also
@@ -178,6 +198,15 @@ def fit(model, guide, examples: Sequence, *, config: TrainConfig = TrainConfig()
         saved = ckpt.load_checkpoint(checkpoint_dir)
         if saved is not None:
             ckpt.check_compatible(saved, config, fp)
+    dp = distributed.active()
+    if dp:  # data parallel (scalabl_pyro.distributed): a shard per rank, its own draws of s, averaged gradients
+        W, rank = distributed.world_size(), distributed.rank()
+        if config.batch_size % W:
+            raise ValueError(f"TrainConfig(batch_size={config.batch_size}) does not split over {W} processes: "
+                             f"use a multiple of {W} (the global batch; each process takes batch_size / {W})")
+        progress, warn_unconverged = progress and rank == 0, warn_unconverged and rank == 0
+        pyro.set_rng_seed(config.seed + 1000 * rank)  # each rank its own s draws (restored on resume)
+        distributed.broadcast_(model.net.trainable_parameters())  # the same start on every rank
     guide_fn = guide if guide is not None else empty_guide
     anneal = max(1, int(config.kl_anneal * config.steps)) if config.kl_anneal > 0 else 0
 
@@ -211,7 +240,7 @@ def fit(model, guide, examples: Sequence, *, config: TrainConfig = TrainConfig()
         optim.set_state(saved.state["optim"])  # Pyro loads each parameter's state when it first sees it
         gen.set_state(saved.state["generator"])
         order, pos = saved.state["order"], saved.pos
-        ckpt.set_rng_state(saved.state["rng"])  # last: building the guide above drew random numbers
+        ckpt.set_rng_state(_rank_rng(saved.state["rng"], dp))  # last: building the guide above drew random numbers
         logger.info("fit: resuming from %s at step %d of %d", saved.path, start, config.steps)
     bar = range(start, config.steps)
     if progress:
@@ -235,6 +264,8 @@ def fit(model, guide, examples: Sequence, *, config: TrainConfig = TrainConfig()
                     order, pos = torch.randperm(n, generator=gen), 0
                 idx = order[pos:pos + config.batch_size].tolist()
                 pos += config.batch_size
+                if dp:
+                    idx = distributed.shard(idx)
                 batch = model.net.collate([examples[i] for i in idx])
                 if hasattr(model, "kl_weight"):
                     model.kl_weight = config.kl_weight * (min(1.0, (step + 1) / anneal) if anneal else 1.0)
@@ -248,6 +279,13 @@ def fit(model, guide, examples: Sequence, *, config: TrainConfig = TrainConfig()
                         loss, surrogate = elbo_loss(elbo, model, scaled_guide, batch, batch["labels"], num_data=n)
                 if torch.is_tensor(surrogate) and surrogate.requires_grad:
                     surrogate.backward()
+                if dp:  # the mean of the ranks' gradients (and losses), in one all-reduce
+                    optim.add_params(optim.trace_params(params.trace))
+                    for p in optim.params:
+                        if p.grad is None:
+                            p.grad = torch.zeros_like(p)
+                    loss = torch.as_tensor(loss, dtype=torch.float32).detach().reshape(1).clone()
+                    distributed.all_reduce_mean_([p.grad for p in optim.params] + [loss])
                 optim.step(params.trace)  # clip, update, zero the gradients, advance the schedule
                 loss = float(loss) / n
                 if not math.isfinite(loss):
@@ -266,12 +304,14 @@ def fit(model, guide, examples: Sequence, *, config: TrainConfig = TrainConfig()
                 if callback is not None:
                     callback(step, loss)
                 if every is not None and ((step + 1) % every == 0 or step + 1 == config.steps):
-                    ckpt.save_checkpoint(checkpoint_dir, step=step + 1, config=config, fingerprint=fp,
-                                         losses=result.losses, seconds=seconds0 + time.perf_counter() - t0,
-                                         optim=optim, generator=gen, order=order, pos=pos,
-                                         kl_weight=getattr(model, "kl_weight", None),
-                                         history={"monitor_steps": result.monitor_steps, "kl": result.kl,
-                                                  "scale": result.scale})
+                    rng = {"ranks": distributed.gather_objects(ckpt.rng_state())} if dp else None
+                    if not dp or rank == 0:  # rank 0 writes, with every rank's RNG state
+                        ckpt.save_checkpoint(checkpoint_dir, step=step + 1, config=config, fingerprint=fp, rng=rng,
+                                             losses=result.losses, seconds=seconds0 + time.perf_counter() - t0,
+                                             optim=optim, generator=gen, order=order, pos=pos,
+                                             kl_weight=getattr(model, "kl_weight", None),
+                                             history={"monitor_steps": result.monitor_steps, "kl": result.kl,
+                                                      "scale": result.scale})
     finally:
         for m, mode in zip(dropout, modes):
             m.train(mode)
