@@ -38,6 +38,9 @@ Usage::
 
     python bench/step_time.py                       # SmolLM2-135M, batch 8
     python bench/step_time.py --backbone tiny       # quick check on a random tiny Llama
+    python bench/step_time.py --backbone random:llama-1b --device cuda   # random weights, Llama-3.2-1B's shape
+                                                    # (also random:llama-7b, random:qwen2-1.5b, random:qwen2-7b;
+                                                    # 4 backbone copies: a GPU, or >= 4x the model's fp32 size)
     python bench/step_time.py --out results/step_time.json
 """
 from __future__ import annotations
@@ -185,9 +188,12 @@ _DEVICE = torch.device("cpu")
 
 
 def load(backbone: str):
-    """``(model, tokenizer)`` on ``--device``: ``"tiny"`` is :func:`tiny_llama`, else ``load_backbone``."""
+    """``(model, tokenizer)`` on ``--device``: ``"tiny"`` is :func:`tiny_llama`, ``"random:<shape>"`` is built
+    on the device directly, else ``load_backbone``."""
     from scalabl_pyro.backbones import load_backbone, tiny_llama
 
+    if backbone.startswith("random:"):
+        return load_backbone(backbone, device=_DEVICE)
     lm, tok = tiny_llama() if backbone == "tiny" else load_backbone(backbone)
     return lm.to(_DEVICE), tok
 

