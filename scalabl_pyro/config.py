@@ -19,6 +19,7 @@ __all__ = ["ScalaBLConfig", "TrainConfig", "SCORINGS", "NORMALIZATIONS"]
 
 SCORINGS = ("letter", "choice")
 NORMALIZATIONS = ("none", "tokens", "chars")
+AUTOCASTS = ("bfloat16",)  # TrainConfig.autocast (or None)
 ELBOS = ("trace", "meanfield")
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -155,6 +156,9 @@ class TrainConfig(_JsonConfig):
     :param num_particles: ELBO particles; with ``vectorize_particles`` they fold into one batched forward.
     :param kl_weight: final weight of the KL term; :param kl_anneal: fraction of steps to ramp it from 0.
     :param seed: seeds minibatch order, initialization and sampling.
+    :param autocast: ``"bfloat16"``: run the forward of every training step under ``torch.autocast`` in bfloat16
+        (matrix products in bfloat16, parameters, ``s`` and the ELBO's log-densities in float32); ``None``
+        (default): full precision.
     :param validate: keep Pyro's distribution checks (``pyro.enable_validation``) on during :func:`fit`. Off by
         default: on a GPU every check is a device-to-host sync (~990 per step for SmolLM2's 61 sites), and
         the data are checked once by ``collate``. Turn it on to debug a model or a prior.
@@ -175,6 +179,7 @@ class TrainConfig(_JsonConfig):
     kl_anneal: float = 0.0
     seed: int = 0
     validate: bool = False
+    autocast: str | None = None
 
     @classmethod
     def from_epochs(cls, epochs: float, num_examples: int, **options) -> "TrainConfig":
@@ -215,3 +220,5 @@ class TrainConfig(_JsonConfig):
         _check_range("clip_norm", self.clip_norm, 0)
         _check_choice("schedule", self.schedule, SCHEDULES)
         _check_choice("elbo", self.elbo, ELBOS)
+        if self.autocast is not None:
+            _check_choice("autocast", self.autocast, AUTOCASTS)

@@ -8,6 +8,7 @@ ELBO summed on the device (:mod:`scalabl_pyro.optim`): the same update with far 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -253,6 +254,8 @@ def fit(model, guide, examples: Sequence, *, config: TrainConfig = TrainConfig()
     running = None
     for x in result.losses:
         running = x if running is None else 0.9 * running + 0.1 * x
+    precision = (torch.autocast(device_type=model.net.device.type, dtype=torch.bfloat16)
+                 if config.autocast == "bfloat16" else contextlib.nullcontext())
     dropout = _lora_dropout(model)
     modes = [m.training for m in dropout]
     try:
@@ -271,7 +274,7 @@ def fit(model, guide, examples: Sequence, *, config: TrainConfig = TrainConfig()
                     model.kl_weight = config.kl_weight * (min(1.0, (step + 1) / anneal) if anneal else 1.0)
                 if fast is None and getattr(guide, "prototype_trace", None) is not None:
                     fast = autonormal_path_applies(elbo, model, guide)
-                with poutine.trace(param_only=True) as params:
+                with poutine.trace(param_only=True) as params, precision:
                     if fast:
                         loss, surrogate = autonormal_elbo_loss(model, guide, batch, batch["labels"], num_data=n,
                                                                guide_scale=getattr(model, "kl_weight", 1.0))

@@ -391,3 +391,24 @@ def test_check_convergence_on_hand_made_histories():
 def test_monitor_every_must_be_positive(make_model, examples):
     with pytest.raises(ValueError, match="monitor_every=0 must be a positive integer"):
         fit(make_model("letter"), None, examples, progress=False, monitor_every=0)
+
+
+def test_fit_autocasts_the_forward_in_bfloat16(make_model, examples):
+    """TrainConfig(autocast="bfloat16"): the decoder runs under autocast, the loss stays close to float32's."""
+    seen = []
+    losses = {}
+    for autocast in (None, "bfloat16"):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        model = make_model("letter")
+        hook = model.net.decoder.register_forward_pre_hook(
+            lambda m, a: seen.append((autocast, torch.is_autocast_enabled("cpu"))))
+        res = fit(model, default_guide(model), examples, config=TrainConfig(steps=2, batch_size=4, autocast=autocast),
+                  progress=False, warn_unconverged=False)
+        hook.remove()
+        losses[autocast] = res.losses
+    assert {flag for a, flag in seen if a is None} == {False} and {flag for a, flag in seen if a} == {True}
+    assert losses["bfloat16"] == pytest.approx(losses[None], rel=0.05)
+    with pytest.raises(ValueError, match="autocast='float16' is not supported; allowed values: 'bfloat16'"):
+        TrainConfig(autocast="float16")
+    assert TrainConfig.from_dict(TrainConfig(autocast="bfloat16").to_dict()).autocast == "bfloat16"
