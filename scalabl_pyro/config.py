@@ -89,6 +89,10 @@ class ScalaBLConfig(_JsonConfig):
     :param max_forward_batch: most sequences per backbone call; bigger folded batches are chunked (by particles;
         with a shared trunk, :mod:`scalabl_pyro.trunk`, by questions with every particle in each chunk, so the
         bound holds for the layers above the split and the trunk runs once per question).
+    :param gradient_checkpointing: recompute each decoder layer's activations in the backward pass instead of
+        keeping them (less memory, one more forward of the decoder per step); the ``diag(s)`` hooks see the same
+        ``s`` in the recomputation. Transformers drops the key/value cache inside checkpointed layers, so with
+        ``scoring="choice"`` it needs ``prefix_cache=False``.
 
     Example::
 
@@ -106,6 +110,7 @@ class ScalaBLConfig(_JsonConfig):
     prior_scale: float = 1.0
     max_length: int = 512
     max_forward_batch: int = 64
+    gradient_checkpointing: bool = False
 
     def __post_init__(self):
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
@@ -127,6 +132,11 @@ class ScalaBLConfig(_JsonConfig):
             raise ValueError(f"max_length={self.max_length} is too small; use at least 8 tokens")
         if self.max_forward_batch < 1:
             raise ValueError(f"max_forward_batch={self.max_forward_batch} must be >= 1")
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise ValueError(f"gradient_checkpointing={self.gradient_checkpointing!r} must be True or False")
+        if self.gradient_checkpointing and self.scoring == "choice" and self.prefix_cache:
+            raise ValueError("gradient_checkpointing=True drops the key/value cache inside the decoder layers, which "
+                             "prefix_cache=True needs: pass prefix_cache=False (or scoring='letter')")
 
     @property
     def alpha(self) -> float:

@@ -17,6 +17,7 @@ model), those layers run once on ``B`` rows (:mod:`scalabl_pyro.trunk`).
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 from typing import Mapping, Sequence
 
@@ -105,8 +106,28 @@ class AdaptedLM:
         #: ``{site: depth}``: the decoder layer holding each latent site's module (see :mod:`scalabl_pyro.trunk`)
         self.site_depths = (module_depths(self.decoder, {k: v.layer for k, v in self.subspace.sites.items()})
                             if self.subspace is not None else {})
+        if config.gradient_checkpointing:
+            self._enable_checkpointing(hf)
         self.forward_calls = 0  # backbone (decoder) calls
         self.forward_rows = 0  # sequences through the decoder
+
+    def _enable_checkpointing(self, hf) -> None:
+        """Transformers' activation checkpointing (non-reentrant) of every decoder layer, with the ``s`` values of
+        each layer call restored for its recomputation (``context_fn``), and the layers' own ``training`` flag on
+        (transformers checkpoints only layers in training mode; their dropout modules stay in eval mode)."""
+        if not getattr(hf, "supports_gradient_checkpointing", False) or self._layers is None:
+            raise ValueError(f"{type(hf).__name__} does not support gradient checkpointing; "
+                             "use ScalaBLConfig(gradient_checkpointing=False)")
+        sub = self.subspace
+
+        def contexts():
+            values = sub._values if sub is not None else None
+            return contextlib.nullcontext(), (sub.use(values) if values is not None else contextlib.nullcontext())
+
+        hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False,
+                                                                            "context_fn": contexts})
+        for layer in self._layers:
+            layer.training = True  # the flag transformers reads; children (dropout, attention) keep eval mode
 
     @property
     def device(self) -> torch.device:

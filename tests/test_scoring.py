@@ -329,3 +329,44 @@ def test_forward_uses_current_transformers_api(make_net, scoring, prefix_cache):
     notices = [f"{w.category.__name__}: {w.message}" for w in caught
                if issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning, FutureWarning))]
     assert notices == []
+
+
+# ------------------------------------------------------------------------------- gradient checkpointing
+@pytest.mark.parametrize("scoring", ["letter", "choice"])
+def test_gradient_checkpointing_recomputes_with_the_same_s(scoring):
+    """ScalaBLConfig(gradient_checkpointing=True): the ELBO's value and gradients are unchanged, and the decoder
+    layers really run again in the backward pass (their diag(s) hooks see the forward's s)."""
+    import pyro
+    from pyro.infer import Trace_ELBO
+
+    from conftest import synthetic_examples
+    from scalabl_pyro import ScalaBL, default_guide
+
+    out = {}
+    for gc in (False, True):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        lm, tok = tiny_llama(num_layers=3)
+        cfg = ScalaBLConfig(r=4, scoring=scoring, prefix_cache=False, gradient_checkpointing=gc)
+        net = AdaptedLM(lm, tok, label_words=("A", "B", "C"), config=cfg)
+        calls = []
+        net._layers[1].self_attn.v_proj.lora_A["default"].register_forward_hook(lambda *a: calls.append(1))
+        model = ScalaBL(net, num_data=8)
+        guide = default_guide(model)
+        batch = net.collate(synthetic_examples(4))
+        guide(batch, batch["labels"])
+        params = list(guide.parameters()) + net.trainable_parameters()
+        calls.clear()
+        pyro.set_rng_seed(1)
+        loss = Trace_ELBO(max_plate_nesting=1).differentiable_loss(model, guide, batch, batch["labels"])
+        out[gc] = (loss.detach(), torch.autograd.grad(loss, params), len(calls))
+    assert out[False][2] == 1 and out[True][2] == 2  # the recomputation ran the layer again
+    torch.testing.assert_close(out[True][0], out[False][0])
+    for a, b in zip(out[True][1], out[False][1]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_gradient_checkpointing_needs_the_prefix_cache_off():
+    with pytest.raises(ValueError, match="drops the key/value cache.*prefix_cache=False"):
+        ScalaBLConfig(scoring="choice", gradient_checkpointing=True)
+    assert ScalaBLConfig.from_dict(ScalaBLConfig(gradient_checkpointing=True).to_dict()).gradient_checkpointing
