@@ -14,7 +14,7 @@ Example::
     model = ScalaBL(net, num_data=len(train))
     guide = default_guide(model)
 """
-from .backbones import DEFAULT_BACKBONE, char_tokenizer, load_backbone, tiny_llama
+from .backbones import DEFAULT_BACKBONE, char_tokenizer, load_backbone, random_llm, tiny_llama
 from .baselines import apply_temperature, calibrate, fit_temperature
 from .config import ScalaBLConfig, TrainConfig
 from .data import Example, TaskData, available_datasets, load_task
@@ -34,7 +34,7 @@ from .metrics import (
     uncertainty_decomposition,
 )
 from .model import LAYOUTS, MODULES_PLATE, LoRAModel, ParamStoreConflictError, ScalaBL, count_parameters, register_adapters
-from .optim import FusedAdamW, autonormal_elbo_loss, autonormal_path_applies, elbo_loss
+from .optim import DeviceTrace_ELBO, FusedAdamW, FusedPyroOptim, autonormal_elbo_loss, autonormal_path_applies, elbo_loss
 from .predictive import Prediction, predict
 from .priors import (LayerScalePrior, centered_prior, isotropic_normal, laplace_prior, normalize_prior, prior_from_spec,
                      prior_to_spec, stack_priors, student_t_prior)
@@ -48,13 +48,13 @@ __version__ = "0.2.0"
 
 __all__ = [
     "AdaptedLM", "CheckpointMismatchError", "ConvergenceWarning", "DEFAULT_BACKBONE", "Example", "FitResult", "GUIDES", "HeldoutCurve",
-    "FusedAdamW", "LAYOUTS", "LayerScalePrior", "MODULES_PLATE",
+    "DeviceTrace_ELBO", "FusedAdamW", "FusedPyroOptim", "LAYOUTS", "LayerScalePrior", "MODULES_PLATE",
     "LoRAModel", "ParamStoreConflictError", "Prediction", "RunExistsError", "SITE_PREFIX", "ScalaBL", "ScalaBLConfig",
     "Subspace", "TaskData", "TrainConfig", "add_lora", "apply_temperature", "available_datasets", "calibrate",
     "centered_prior", "char_tokenizer", "check_fresh_guide", "classification_metrics", "count_parameters",
     "autonormal_elbo_loss", "autonormal_path_applies", "country_task", "default_guide", "elbo_loss", "empty_guide", "export_peft", "fit", "fit_temperature", "format_table",
     "guide_spec", "heldout_curves_plot", "init_to_s0", "isotropic_normal", "laplace_posterior", "laplace_prior", "last_layers", "load_backbone", "load_run",
-    "load_task", "load_user_task", "make_elbo", "make_guide", "make_optimizer", "normalize_prior", "ood_auroc",
+    "load_task", "load_user_task", "make_elbo", "make_guide", "make_optimizer", "normalize_prior", "ood_auroc", "random_llm",
     "paired_bootstrap", "predict", "prior_from_spec", "prior_to_spec", "register_adapters", "reliability_diagram", "reliability_panels",
     "save_run", "site_name", "stack_priors", "student_t_prior", "task_from_records", "tiny_llama", "uncertainty_decomposition",
 ]
