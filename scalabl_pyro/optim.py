@@ -40,6 +40,7 @@ from pyro.infer.autoguide import AutoNormal
 from pyro.infer.util import is_identically_zero, is_validation_enabled
 from pyro.util import warn_if_nan
 
+from . import distributed
 from .config import TrainConfig
 
 __all__ = ["DeviceTrace_ELBO", "FusedAdamW", "FusedPyroOptim", "elbo_loss", "autonormal_elbo_loss", "autonormal_path_applies", "clip_per_tensor_"]
@@ -131,7 +132,14 @@ class FusedAdamW:
         self.scheduler.step()
 
     def update(self) -> None:
-        """Clip, update and set to ``None`` the gradients of every tensor; the schedule does not move."""
+        """Clip, update and set to ``None`` the gradients of every tensor; the schedule does not move. In a
+        ``torch.distributed`` group of several processes the gradients are first averaged over the ranks (one
+        all-reduce, :func:`~scalabl_pyro.distributed.all_reduce_mean_`), so every rank takes the same update."""
+        if distributed.active():
+            for p in self.params:
+                if p.grad is None:  # every rank reduces the same list
+                    p.grad = torch.zeros_like(p)
+            distributed.all_reduce_mean_([p.grad for p in self.params])
         grads = [p.grad for p in self.params if p.grad is not None]
         if self.config.clip_norm > 0:
             clip_per_tensor_(grads, self.config.clip_norm)
@@ -347,9 +355,17 @@ class DeviceTrace_ELBO(Trace_ELBO):
             loss = svi.step(batch, batch["labels"], num_data=n)
     """
 
+    def _fast(self, model, guide) -> bool:
+        """:func:`autonormal_path_applies`, its structural part decided once per (model, guide) that has run."""
+        if is_validation_enabled() or getattr(guide, "prototype_trace", None) is None:
+            return False
+        paths = self.__dict__.setdefault("_paths", {})
+        if (model, guide) not in paths:
+            paths[model, guide] = autonormal_path_applies(self, model, guide)
+        return paths[model, guide]
+
     def loss_and_grads(self, model, guide, *args, **kwargs):
-        if len(args) == 2 and args[1] is not None and set(kwargs) <= {"num_data"} \
-                and autonormal_path_applies(self, model, guide):
+        if len(args) == 2 and args[1] is not None and set(kwargs) <= {"num_data"} and self._fast(model, guide):
             loss, surrogate = autonormal_elbo_loss(model, guide, *args, **kwargs)
         else:
             loss, surrogate = elbo_loss(self, model, guide, *args, **kwargs)

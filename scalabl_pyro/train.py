@@ -149,6 +149,11 @@ def fit(model, guide, examples: Sequence, *, config: TrainConfig = TrainConfig()
     :func:`~scalabl_pyro.optim.autonormal_elbo_loss` (every site's terms at once, the same draws) from the second
     step on (the same parameters after every step, up to float rounding; ``tests/test_optim.py`` checks it).
 
+    Under ``torchrun`` (a ``torch.distributed`` group of several processes, see :mod:`scalabl_pyro.distributed`)
+    every process calls ``fit`` alike: each takes its share of every global batch of ``config.batch_size``, draws
+    its own ``s``, and the gradients are averaged before the update; only rank 0 shows progress, warns and writes
+    checkpoints.
+
     :param guide: an autoguide (ScalaBL), or ``None`` for a model without latent sites (MLE/MAP).
     :param callback: called as ``callback(step, loss)`` after every step this call runs.
     :param checkpoint_dir: write checkpoints there (see :mod:`scalabl_pyro.checkpoint` for the layout)
@@ -167,11 +172,6 @@ def fit(model, guide, examples: Sequence, *, config: TrainConfig = TrainConfig()
     :param monitor_every: with a guide, record the KL term and the median posterior std (:mod:`scalabl_pyro.
         convergence`) after the first step and every ``monitor_every`` steps (default ``max(1, steps // 100)``;
         16 guide draws each, under a forked RNG: the trajectory does not change).
-    Under ``torchrun``/``accelerate launch`` (a ``torch.distributed`` group of several processes, see
-    :mod:`scalabl_pyro.distributed`) every process calls ``fit`` alike: each takes its share of every global
-    batch of ``config.batch_size``, draws its own ``s``, and the gradients are averaged before the update;
-    only rank 0 shows progress, warns and writes checkpoints.
-
     :param warn_unconverged: at the end, warn (:class:`~scalabl_pyro.convergence.ConvergenceWarning`, naming the
         fix) when the posterior scales ended within 1.5x of their start or the KL term is still moving.
     :returns: :class:`FitResult` with the per-step losses divided by the data set size (from step 0, also
@@ -282,13 +282,9 @@ def fit(model, guide, examples: Sequence, *, config: TrainConfig = TrainConfig()
                         loss, surrogate = elbo_loss(elbo, model, scaled_guide, batch, batch["labels"], num_data=n)
                 if torch.is_tensor(surrogate) and surrogate.requires_grad:
                     surrogate.backward()
-                if dp:  # the mean of the ranks' gradients (and losses), in one all-reduce
-                    optim.add_params(optim.trace_params(params.trace))
-                    for p in optim.params:
-                        if p.grad is None:
-                            p.grad = torch.zeros_like(p)
+                if dp:  # the ranks' mean loss (FusedAdamW averages the gradients)
                     loss = torch.as_tensor(loss, dtype=torch.float32).detach().reshape(1).clone()
-                    distributed.all_reduce_mean_([p.grad for p in optim.params] + [loss])
+                    distributed.all_reduce_mean_([loss])
                 optim.step(params.trace)  # clip, update, zero the gradients, advance the schedule
                 loss = float(loss) / n
                 if not math.isfinite(loss):

@@ -46,6 +46,25 @@ def _values(model):
         f"net.{i}": p.detach().clone() for i, p in enumerate(model.net.trainable_parameters())}
 
 
+def _svi_steps(model, guide, examples, cfg, *, fused=False):
+    """``cfg.steps`` SVI steps (make_optimizer + make_elbo, schedule advanced) on fit's minibatches:
+    ``(values, optimizer)``."""
+    optim = make_optimizer(cfg, model_prefix=model.name, fused=fused)
+    svi = SVI(model, guide or (lambda *a, **k: None), optim, make_elbo(cfg))
+    with pyro.validation_enabled(False):
+        for idx in _fit_batches(len(examples), cfg.batch_size, cfg.steps, cfg.seed):
+            batch = model.net.collate([examples[i] for i in idx])
+            svi.step(batch, batch["labels"], num_data=len(examples))
+            optim.step()
+    return _values(model), optim
+
+
+def _assert_same_values(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
 @pytest.mark.parametrize("guide_name, elbo", [("normal", "trace"), ("normal", "meanfield"), ("lowrank", "trace"),
                                               ("delta", "trace"), (None, "trace")])
 def test_fit_takes_the_steps_of_svi_with_make_optimizer(make_model, guide_name, elbo):
@@ -57,18 +76,7 @@ def test_fit_takes_the_steps_of_svi_with_make_optimizer(make_model, guide_name, 
     fit(model, guide, examples, config=cfg, progress=False, warn_unconverged=False)
     got = _values(model)
 
-    model, guide = _build(make_model, guide_name)
-    optim = make_optimizer(cfg, model_prefix=model.name)
-    svi = SVI(model, guide or (lambda *a, **k: None), optim, make_elbo(cfg))
-    with pyro.validation_enabled(False):
-        for idx in _fit_batches(12, 4, 5, cfg.seed):
-            batch = model.net.collate([examples[i] for i in idx])
-            svi.step(batch, batch["labels"], num_data=12)
-            optim.step()
-    want = _values(model)
-    assert got.keys() == want.keys()
-    for k in want:
-        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=k)
+    _assert_same_values(got, _svi_steps(*_build(make_model, guide_name), examples, cfg)[0])
 
 
 @pytest.mark.parametrize("guide_name", ["normal", None])
@@ -78,19 +86,11 @@ def test_fused_pyro_optim_takes_the_steps_of_pyros_per_tensor_optimizers(make_mo
     cfg = TrainConfig(steps=5, batch_size=4, lr=5e-2, guide_lr=5e-2, clip_norm=0.05, warmup=0.4, weight_decay=0.1)
     got, syncs = [], []
     for fused in (False, True):
-        model, guide = _build(make_model, guide_name)
-        optim = make_optimizer(cfg, model_prefix=model.name, fused=fused)
-        svi = SVI(model, guide or (lambda *a, **k: None), optim, make_elbo(cfg))
-        with pyro.validation_enabled(False), _Syncs() as count:
-            for idx in _fit_batches(12, 4, 5, cfg.seed):
-                batch = model.net.collate([examples[i] for i in idx])
-                svi.step(batch, batch["labels"], num_data=12)
-                optim.step()
-        got.append(_values(model))
+        with _Syncs() as count:
+            values, optim = _svi_steps(*_build(make_model, guide_name), examples, cfg, fused=fused)
+        got.append(values)
         syncs.append(count.n)
-    assert got[0].keys() == got[1].keys()
-    for k in got[0]:
-        torch.testing.assert_close(got[1][k], got[0][k], rtol=1e-5, atol=1e-6, msg=k)
+    _assert_same_values(got[1], got[0])
     assert syncs[1] <= syncs[0]
     state = optim.get_state()  # the FusedAdamW format: names in group order, one state per tensor
     assert sorted(state["names"]) == sorted(pyro.get_param_store().keys()) and state["scheduler"]["last_epoch"] == 5
@@ -238,19 +238,7 @@ def test_fit_takes_svi_steps_through_the_autonormal_path(monkeypatch, layout, st
     model, guide = build()
     fit(model, guide, examples, config=cfg, progress=False, warn_unconverged=False)
     assert len(calls) == cfg.steps - 1  # every step after the first (which creates the guide's parameters)
-    got = _values(model)
-    model, guide = build()
-    optim = make_optimizer(cfg, model_prefix=model.name)
-    svi = SVI(model, guide, optim, make_elbo(cfg))
-    with pyro.validation_enabled(False):
-        for idx in _fit_batches(12, 4, cfg.steps, cfg.seed):
-            batch = model.net.collate([examples[i] for i in idx])
-            svi.step(batch, batch["labels"], num_data=12)
-            optim.step()
-    want = _values(model)
-    assert got.keys() == want.keys()
-    for k in want:
-        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=k)
+    _assert_same_values(_values(model), _svi_steps(*build(), examples, cfg)[0])
 
 
 @pytest.mark.parametrize("layout, kl_weight", [("modules", 0.3), ("vectorized", 1.0)])
