@@ -41,6 +41,7 @@ from pyro import poutine
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_median
 from safetensors.torch import load_file, save_file
 
+from .distributed import full_tensor, is_sharded, shard_like
 from ._utils import atomic_dir
 from .config import TrainConfig
 
@@ -180,9 +181,19 @@ def _save_state(obj, path: Path) -> None:
     torch.save(obj, path)
 
 
+def snapshot(optim) -> tuple[dict, dict]:
+    """``(params, optimizer state)`` to checkpoint: the whole param store on the CPU and ``optim``'s state, with
+    tensors sharded by FSDP gathered whole (then a collective: every rank calls it, rank 0 writes)."""
+    store = pyro.get_param_store()
+    params = {k: full_tensor(v.detach()).cpu().contiguous().clone() for k, v in store.named_parameters()}
+    # Pyro loads a parameter's optimizer state when it first sees the parameter: keep what is still waiting.
+    return params, {**getattr(optim, "_state_waiting_to_be_consumed", {}), **optim.get_state()}
+
+
 def save_checkpoint(checkpoint_dir, *, step: int, config: TrainConfig, fingerprint: dict, losses: list,
                     seconds: float, optim, generator: torch.Generator, order: torch.Tensor, pos: int,
-                    kl_weight: float | None = None, history: dict | None = None, rng: dict | None = None) -> Path:
+                    kl_weight: float | None = None, history: dict | None = None, rng: dict | None = None,
+                    taken: tuple[dict, dict] | None = None) -> Path:
     """Write the checkpoint after ``step`` completed steps to ``checkpoint_dir/step-<step>`` atomically.
 
     Saves the whole param store, ``optim``'s ``get_state()`` (a :class:`~scalabl_pyro.optim.FusedAdamW`, or a
@@ -191,15 +202,14 @@ def save_checkpoint(checkpoint_dir, *, step: int, config: TrainConfig, fingerpri
 
     :param rng: the RNG states to record (default: this process's :func:`rng_state`; a data-parallel
         :func:`~scalabl_pyro.train.fit` passes ``{"ranks": [every rank's rng_state()]}``).
+    :param taken: :func:`snapshot`'s ``(params, optimizer state)`` taken on every rank (FSDP); default: taken here.
     :returns: the new checkpoint's directory.
     """
     root = Path(checkpoint_dir)
     target = root / f"step-{step:08d}"
     store = pyro.get_param_store()
-    params = {k: v.detach().cpu().contiguous().clone() for k, v in store.named_parameters()}
+    params, optim_state = taken if taken is not None else snapshot(optim)
     constraints = {k: repr(c) for k, c in store.get_state()["constraints"].items()}
-    # Pyro loads a parameter's optimizer state when it first sees the parameter: keep what is still waiting.
-    optim_state = {**getattr(optim, "_state_waiting_to_be_consumed", {}), **optim.get_state()}
     meta = {"format": FORMAT, "step": step, "steps": config.steps, "config": config.to_dict(),
             "fingerprint": fingerprint, "losses": [float(x) for x in losses], "seconds": float(seconds),
             "history": history or {},
@@ -279,4 +289,7 @@ def restore_params(ckpt: Checkpoint, model, guide, batch: dict, *, num_data: int
             "pyro.clear_param_store() before building the model and guide)")
     with torch.no_grad():
         for k, v in saved.items():
-            current[k].copy_(v)
+            if is_sharded(current[k]):  # FSDP: this rank's shard of the whole saved tensor
+                current[k].to_local().copy_(shard_like(v, current[k]).to_local())
+            else:
+                current[k].copy_(v)

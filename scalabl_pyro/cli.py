@@ -248,6 +248,9 @@ def cmd_train(args) -> int:
             raise UsageError(f"{', '.join(given)} only appl{'ies' if one else 'y'} to the Bayesian method; --method "
                              f"{args.method} trains plain LoRA, with no posterior or prior on s: drop "
                              f"{'it' if one else 'them'}, or use --method scalabl")
+    if args.fsdp and not dp:
+        raise UsageError("--fsdp shards the backbone over the processes of a torchrun job: launch with torchrun "
+                         "--nproc-per-node N -m scalabl_pyro -- train ... (or drop --fsdp)")
     _check_normalize(args, args.scoring or "choice", args.normalize)
     _check_data_dir(args.data_dir, args.dataset)
     out = Path(args.out)
@@ -279,16 +282,19 @@ def cmd_train(args) -> int:
     trained = train_method(args.method, backbone_factory(backbone, args.device or "auto"), list(train.examples),
                            label_words=train.label_words, config=cfg, train_config=tc, guide=guide,
                            prior=args.prior, progress=not args.quiet and main, checkpoint_dir=ckpt_dir,
-                           checkpoint_every=args.checkpoint_every)
+                           checkpoint_every=args.checkpoint_every, fsdp=args.fsdp)
+    if main or args.fsdp:  # rank 0 writes the run (with --fsdp every rank gathers its shards for it)
+        save_run(out, trained.models[0], trained.guide, train_config=tc, backbone=backbone, overwrite=args.overwrite,
+                 meta={"dataset": args.dataset, "method": args.method, "train": tc.to_dict(),
+                       "prior": (args.prior or "s0") if args.method in _BAYES else None,
+                       "final_loss": trained.losses[-1], "fit_seconds": trained.fit_seconds,
+                       "fsdp": bool(args.fsdp)})
     if not main:
         torch.distributed.barrier()  # rank 0 writes the run
         return 0
-    save_run(out, trained.models[0], trained.guide, train_config=tc, backbone=backbone, overwrite=args.overwrite,
-             meta={"dataset": args.dataset, "method": args.method, "train": tc.to_dict(),
-                   "prior": (args.prior or "s0") if args.method in _BAYES else None,
-                   "final_loss": trained.losses[-1], "fit_seconds": trained.fit_seconds})
     print(f"trained {args.method} on {args.dataset} ({len(train)} examples, {tc.steps} steps, "
-          f"{trained.fit_seconds:.0f} s{f', {distributed.world_size()} processes' if dp else ''}); saved to {out}")
+          f"{trained.fit_seconds:.0f} s{f', {distributed.world_size()} processes' if dp else ''}"
+          f"{', FSDP' if args.fsdp else ''}); saved to {out}")
     if dp:
         torch.distributed.barrier()
     return 0
@@ -382,6 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write a checkpoint to <out>/checkpoint every N steps (default: every tenth of the steps)")
     p.add_argument("--resume", action="store_true",
                    help="continue the unfinished run checkpointed in <out>/checkpoint (give the same options)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard the backbone's decoder layers over the processes (FSDP2) instead "
+                        "of a whole copy on each")
     _finish(p, "train")
 
     p = _verb(sub, "evaluate", fn=cmd_evaluate, help="evaluate a saved run on a data set split",

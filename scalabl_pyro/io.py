@@ -27,6 +27,7 @@ import pyro
 import torch
 from safetensors.torch import load_file, save_file
 
+from . import distributed
 from ._utils import atomic_dir, atomic_write_json
 from .backbones import load_backbone
 from .config import ScalaBLConfig, TrainConfig
@@ -65,6 +66,11 @@ def _prior_params(model) -> dict[str, torch.Tensor]:
     return {k: state[k].detach().contiguous().clone() for k in model.prior_param_names() if k in state}
 
 
+def _whole_lora_state(peft_model) -> dict[str, torch.Tensor]:
+    """The LoRA tensors of ``peft_model.state_dict()``, FSDP shards gathered whole (every rank calls it)."""
+    return {k: distributed.full_tensor(v.detach()).clone() for k, v in peft_model.state_dict().items() if "lora_" in k}
+
+
 def save_run(path: str | os.PathLike, model, guide=None, *, train_config: TrainConfig | None = None,
              backbone: str = "smollm2", meta: dict | None = None, overwrite: bool = False) -> Path:
     """Write ``model``'s adapters, ``guide``'s state, learned prior parameters and every config to ``path``.
@@ -75,6 +81,9 @@ def save_run(path: str | os.PathLike, model, guide=None, *, train_config: TrainC
     :param train_config: how the run was trained (recorded so that it can be reproduced or resumed).
     :param backbone: name or path to reload the backbone with :func:`~scalabl_pyro.backbones.load_backbone`.
     :param overwrite: replace an existing run (otherwise :class:`RunExistsError`).
+
+    A net sharded by :func:`~scalabl_pyro.distributed.shard_model` is saved whole: every rank calls ``save_run``
+    (the shards are gathered) and rank 0 writes.
     :raises ValueError: for a guide or model class this package cannot rebuild.
 
     Example::
@@ -88,8 +97,13 @@ def save_run(path: str | os.PathLike, model, guide=None, *, train_config: TrainC
     if guide is not None and getattr(guide, "prototype_trace", True) is None:
         raise ValueError("the guide has never run, so it has no parameters to save; train it (or call it once) first")
     record = _model_record(model)
+    whole = None
+    if distributed.sharded(model):  # FSDP: every rank gathers the adapters' shards, rank 0 writes
+        whole = {"state_dict": _whole_lora_state(model.net.peft_model)}
+        if not distributed.is_main():
+            return path
     with atomic_dir(path, replace=True) as tmp:
-        model.net.peft_model.save_pretrained(tmp / "adapter", save_embedding_layers=False)
+        model.net.peft_model.save_pretrained(tmp / "adapter", save_embedding_layers=False, **(whole or {}))
         guide_state, prior_params = {}, {}
         if guide is not None:
             guide_state = {k: v.detach().contiguous().clone() for k, v in guide.state_dict().items()}
@@ -271,6 +285,8 @@ def export_peft(path: str | os.PathLike, model: LoRAModel, guide=None) -> Path:
     Example::
 
         export_peft("runs/obqa/peft_median", model, guide)
+
+    Under FSDP (:func:`~scalabl_pyro.distributed.shard_model`) every rank calls it and rank 0 writes.
     """
     from peft import get_peft_model_state_dict
 
@@ -286,13 +302,17 @@ def export_peft(path: str | os.PathLike, model: LoRAModel, guide=None) -> Path:
             med = None
         if not med:
             raise ValueError("export_peft needs a guide with a median() (e.g. AutoNormal, AutoDelta)")
-    state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(net.peft_model, save_embedding_layers=False).items()}
+    whole = _whole_lora_state(net.peft_model) if distributed.sharded(model) else None  # FSDP: every rank gathers
+    if whole is not None and not distributed.is_main():
+        return Path(path)  # rank 0 writes
+    state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(net.peft_model, state_dict=whole,
+                                                                          save_embedding_layers=False).items()}
     if sub is not None:
         med = model.module_values(med)  # per-module s (the vectorized site split); fixed modules keep s0
         for site, info in sub.sites.items():
-            key = next(k for k in state if k.endswith(f"{info.module_name}.lora_A.weight"))
+            key = next(k for k in state if k.endswith(f"{info.module_name}.lora_A.weight"))  # V
             s = med[site] if site in med else info.s0
-            state[key] = info.lora_A.weight.detach() * s.detach().reshape(-1, 1).to(info.lora_A.weight)
+            state[key] = state[key] * s.detach().reshape(-1, 1).to(state[key])
     if net.config.scoring == "letter":
         ids = torch.tensor(net.label_token_ids)
         vocab = net.peft_model.get_base_model().get_input_embeddings().num_embeddings

@@ -37,6 +37,7 @@ import pyro.distributions as dist
 from pyro import poutine
 from pyro.infer.autoguide import AutoLaplaceApproximation, AutoMultivariateNormal
 
+from . import distributed
 from ._utils import atomic_dir, atomic_write_json
 from .baselines.temperature import TemperatureScaled, fit_temperature
 from .config import ScalaBLConfig, TrainConfig
@@ -275,7 +276,7 @@ def train_method(method: str, backbone_fn: Callable[[], tuple], train_examples: 
                  guide: str = "normal", prior=None, num_samples: int = 10, ensemble_size: int = 3,
                  dropout: float = 0.1, map_weight_decay: float = 1e-2, progress: bool = True,
                  checkpoint_dir=None, checkpoint_every: int | None = None, val_fraction: float = 0.1,
-                 make_callback: Callable | None = None) -> Trained:
+                 make_callback: Callable | None = None, fsdp: bool = False) -> Trained:
     """Build and train ``method`` on ``train_examples``.
 
     :param backbone_fn: returns a fresh ``(model, tokenizer)`` (e.g. ``lambda: load_backbone("smollm2")``).
@@ -289,6 +290,8 @@ def train_method(method: str, backbone_fn: Callable[[], tuple], train_examples: 
         once the model is built; it returns the ``callback(step, loss)`` given to
         :func:`~scalabl_pyro.train.fit`, e.g. a :class:`~scalabl_pyro.convergence.HeldoutCurve`. Not for
         ``ensemble`` and ``scalabl_bayesadapt``.
+    :param fsdp: shard every net's decoder layers over the ranks of the running ``torch.distributed`` job
+        (:func:`~scalabl_pyro.distributed.shard_model`; launch with ``torchrun``).
     :param checkpoint_dir: checkpoint :func:`~scalabl_pyro.train.fit` there and resume from it (an ensemble
         member ``k`` in ``member<k>/``); not for ``scalabl_bayesadapt``, which has its own loop.
 
@@ -312,9 +315,13 @@ def train_method(method: str, backbone_fn: Callable[[], tuple], train_examples: 
     pyro.clear_param_store()
     t0 = time.perf_counter()
 
+    if fsdp and method == "scalabl_bayesadapt":
+        raise ValueError("scalabl_bayesadapt trains with its own loop, which does not run under FSDP; drop fsdp")
+
     def net_of(subspace, cfg=config, seed=train_config.seed):
         lm, tok = backbone_fn()
-        return AdaptedLM(lm, tok, label_words=label_words, config=cfg, subspace=subspace, seed=seed)
+        net = AdaptedLM(lm, tok, label_words=label_words, config=cfg, subspace=subspace, seed=seed)
+        return distributed.shard_model(net) if fsdp else net
 
     if method in ("mle", "map", "mcdropout"):
         cfg = dataclasses.replace(config, lora_dropout=dropout) if method == "mcdropout" else config

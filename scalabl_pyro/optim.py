@@ -57,9 +57,24 @@ def clip_per_tensor_(grads: list[torch.Tensor], max_norm: float) -> None:
     """
     if not grads:
         return
+    if any(distributed.is_sharded(g) for g in grads):
+        return _clip_sharded_(grads, max_norm)
     norms = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))[:, None], 2, dim=-1)
     coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)  # clip_grad_norm_'s arithmetic, tensor by tensor
     torch._foreach_mul_(grads, list(coef.unbind()))
+
+
+def _clip_sharded_(grads: list[torch.Tensor], max_norm: float) -> None:
+    """:func:`clip_per_tensor_` when some gradients are FSDP shards (``DTensor``): each sharded tensor's norm is the
+    root of its shards' squared norms summed over the ranks (one all-reduce for all of them)."""
+    local = [g.to_local() if distributed.is_sharded(g) else g for g in grads]
+    sq = torch.stack(torch._foreach_norm(local)).float() ** 2
+    mask = torch.tensor([distributed.is_sharded(g) for g in grads], device=sq.device)
+    part = torch.where(mask, sq, torch.zeros_like(sq))
+    distributed._collective(torch.distributed.all_reduce, part)  # sums the shards' squares
+    norms = torch.where(mask, part, sq).sqrt()
+    coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    torch._foreach_mul_(local, [c.to(t.dtype) for c, t in zip(coef.unbind(), local)])
 
 
 class FusedAdamW:
@@ -81,8 +96,8 @@ class FusedAdamW:
         self.config = config
         self.prefix = model_prefix + "$$$"
         self.lr_lambda = lr_lambda or default_lambda(config)
-        self.names: list[str] = []  # in optimizer order: group 0 (LoRA) then group 1 (guide/prior)
-        self._group_names: tuple[list[str], list[str]] = ([], [])
+        self.names: list[str] = []  # in optimizer order: group 0 (LoRA), group 1 (guide/prior), group 2 (FSDP-sharded LoRA)
+        self._group_names: tuple[list[str], ...] = ([], [], [])
         self.params: list[torch.Tensor] = []
         self._seen: set[int] = set()
         self.optimizer: torch.optim.AdamW | None = None
@@ -97,16 +112,18 @@ class FusedAdamW:
         if not new:
             return
         c = self.config
-        hyper = ({"lr": c.lr, "weight_decay": c.weight_decay}, {"lr": c.guide_lr, "weight_decay": 0.0})
+        lora = {"lr": c.lr, "weight_decay": c.weight_decay}
+        hyper = (lora, {"lr": c.guide_lr, "weight_decay": 0.0}, lora)
         build = self.optimizer is None
-        if build:  # both groups always exist (one may stay empty): the group order never depends on the data
+        if build:  # every group always exists (some may stay empty): the group order never depends on the data
             self.optimizer = torch.optim.AdamW([{"params": [], **h} for h in hyper], fused=True)
         for k, p in new:
-            g = 0 if k.startswith(self.prefix) else 1
+            # group 2: LoRA tensors sharded by FSDP (DTensor; one fused update cannot mix them with plain tensors)
+            g = (2 if distributed.is_sharded(p) else 0) if k.startswith(self.prefix) else 1
             self.optimizer.param_groups[g]["params"].append(p)
             self._group_names[g].append(k)
             self._seen.add(id(p))
-        self.names = self._group_names[0] + self._group_names[1]
+        self.names = self._group_names[0] + self._group_names[1] + self._group_names[2]
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         if build:
             self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_lambda)
@@ -136,10 +153,11 @@ class FusedAdamW:
         ``torch.distributed`` group of several processes the gradients are first averaged over the ranks (one
         all-reduce, :func:`~scalabl_pyro.distributed.all_reduce_mean_`), so every rank takes the same update."""
         if distributed.active():
-            for p in self.params:
+            whole = [p for p in self.params if not distributed.is_sharded(p)]  # FSDP has averaged the shards
+            for p in whole:
                 if p.grad is None:  # every rank reduces the same list
                     p.grad = torch.zeros_like(p)
-            distributed.all_reduce_mean_([p.grad for p in self.params])
+            distributed.all_reduce_mean_([p.grad for p in whole])
         grads = [p.grad for p in self.params if p.grad is not None]
         if self.config.clip_norm > 0:
             clip_per_tensor_(grads, self.config.clip_norm)
@@ -151,7 +169,10 @@ class FusedAdamW:
         """Optimizer and schedule state keyed by parameter name (for :mod:`~scalabl_pyro.checkpoint`)."""
         if self.optimizer is None:
             return dict(self._pending or {})
-        return {"format": STATE_FORMAT, "names": list(self.names), "optimizer": self.optimizer.state_dict(),
+        sd = self.optimizer.state_dict()
+        if any(distributed.is_sharded(p) for p in self.params):  # whole tensors (a collective: every rank calls it)
+            sd["state"] = {i: {k: distributed.full_tensor(v) for k, v in st.items()} for i, st in sd["state"].items()}
+        return {"format": STATE_FORMAT, "names": list(self.names), "optimizer": sd,
                 "scheduler": self.scheduler.state_dict()}
 
     def set_state(self, state: dict) -> None:
@@ -173,6 +194,11 @@ class FusedAdamW:
             pos = {k: i for i, k in enumerate(state["names"])}
             sd = state["optimizer"]
             per = {self.names.index(k): sd["state"][pos[k]] for k in self.names if pos[k] in sd["state"]}
+            for i, st in per.items():  # whole moments of an FSDP-sharded tensor: this rank's shard
+                p = self.params[i]
+                if distributed.is_sharded(p):
+                    per[i] = {k: distributed.shard_like(v, p) if torch.is_tensor(v) and v.shape == p.shape else v
+                              for k, v in st.items()}
             current = self.optimizer.state_dict()
             self.optimizer.load_state_dict({"state": per, "param_groups": current["param_groups"]})
             epoch = state["scheduler"]["last_epoch"]

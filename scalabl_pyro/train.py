@@ -304,8 +304,10 @@ def fit(model, guide, examples: Sequence, *, config: TrainConfig = TrainConfig()
                     callback(step, loss)
                 if every is not None and ((step + 1) % every == 0 or step + 1 == config.steps):
                     rng = {"ranks": distributed.gather_objects(ckpt.rng_state())} if dp else None
+                    taken = ckpt.snapshot(optim) if distributed.sharded(model) else None  # every rank gathers shards
                     if not dp or rank == 0:  # rank 0 writes, with every rank's RNG state
                         ckpt.save_checkpoint(checkpoint_dir, step=step + 1, config=config, fingerprint=fp, rng=rng,
+                                             taken=taken,
                                              losses=result.losses, seconds=seconds0 + time.perf_counter() - t0,
                                              optim=optim, generator=gen, order=order, pos=pos,
                                              kl_weight=getattr(model, "kl_weight", None),

@@ -136,7 +136,7 @@ def test_checkpoint_contents(make_model, examples, tmp_path):
     i = state["names"].index(f"{guide._pyro_name}.scales.{model.latent_sites[0]}")
     assert int(state["optimizer"]["state"][i]["step"]) == 12
     assert [g["lr"] for g in state["optimizer"]["param_groups"]] == pytest.approx(
-        [CFG.lr * lr_lambda(CFG)(12), CFG.guide_lr * lr_lambda(CFG)(12)])
+        [CFG.lr * lr_lambda(CFG)(12), CFG.guide_lr * lr_lambda(CFG)(12), CFG.lr * lr_lambda(CFG)(12)])  # 3rd: FSDP
     assert c.state["order"].shape == (24,) and c.pos == 20  # 24 // 5 = 4 steps an epoch: step 12 ends one
 
 

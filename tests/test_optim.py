@@ -291,7 +291,8 @@ def test_fused_adamw_groups(make_model):
     batch = model.net.collate(synthetic_examples(8))
     opt = FusedAdamW(cfg, model_prefix=model.name)
     _step_once(model, guide, opt, batch)
-    lora, rest = opt.optimizer.param_groups
+    lora, rest, sharded = opt.optimizer.param_groups  # the third holds FSDP-sharded LoRA tensors (none here)
+    assert sharded["params"] == [] and sharded["weight_decay"] == 0.1 and sharded["lr"] == lora["lr"]
     assert len(lora["params"]) == len(model.net.trainable_parameters()) and lora["weight_decay"] == 0.1
     assert len(rest["params"]) == 2 * len(model.latent_sites) and rest["weight_decay"] == 0.0
     assert all(n.startswith(model.name + "$$$") for n in opt.names[:len(lora["params"])])
