@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["load_backbone", "resolve_device", "tiny_llama", "random_llm", "char_tokenizer", "smollm2_gguf_path",
+__all__ = ["load_backbone", "check_quantization", "resolve_device", "tiny_llama", "random_llm", "char_tokenizer", "smollm2_gguf_path",
            "DEFAULT_BACKBONE", "RANDOM_CONFIGS", "QUANTIZATIONS"]
 
 DEFAULT_BACKBONE = "smollm2"
@@ -99,6 +99,12 @@ def _load_smollm2(dtype: torch.dtype, **kwargs):
     model = AutoModelForCausalLM.from_pretrained(cache, dtype=dtype, **kwargs)
     tok = AutoTokenizer.from_pretrained(cache)
     return model, tok
+
+
+def check_quantization(quantization: str, name: str, device: str | torch.device | None = None) -> None:
+    """Raise the error :func:`load_backbone` would raise for ``quantization`` of ``name`` on ``device`` (no CUDA
+    GPU, no bitsandbytes, a backbone built in memory, an unknown kind), before anything is loaded."""
+    _quantization_kwargs(quantization, name, resolve_device(device) if device is not None else None)
 
 
 def _quantization_kwargs(quantization: str, name: str, dev: torch.device | None) -> dict:

@@ -248,9 +248,16 @@ def cmd_train(args) -> int:
             raise UsageError(f"{', '.join(given)} only appl{'ies' if one else 'y'} to the Bayesian method; --method "
                              f"{args.method} trains plain LoRA, with no posterior or prior on s: drop "
                              f"{'it' if one else 'them'}, or use --method scalabl")
+    if args.quantize and args.fsdp:
+        raise UsageError("--quantize and --fsdp do not combine (FSDP does not shard bitsandbytes weights): a 4-bit "
+                         "backbone fits one GPU, so use --quantize alone, or --fsdp with full weights")
     if args.fsdp and not dp:
         raise UsageError("--fsdp shards the backbone over the processes of a torchrun job: launch with torchrun "
                          "--nproc-per-node N -m scalabl_pyro -- train ... (or drop --fsdp)")
+    if args.quantize:  # the checks of load_backbone (a CUDA GPU, bitsandbytes, a pretrained backbone) before any work
+        from .backbones import check_quantization
+
+        check_quantization(args.quantize, args.backbone or "smollm2", args.device or "auto")
     _check_normalize(args, args.scoring or "choice", args.normalize)
     _check_data_dir(args.data_dir, args.dataset)
     out = Path(args.out)
@@ -279,7 +286,8 @@ def cmd_train(args) -> int:
     guide = args.guide or "normal"
     backbone = args.backbone or "smollm2"
     torch.manual_seed(args.seed)
-    trained = train_method(args.method, backbone_factory(backbone, args.device or "auto"), list(train.examples),
+    trained = train_method(args.method, backbone_factory(backbone, args.device or "auto", quantization=args.quantize),
+                           list(train.examples),
                            label_words=train.label_words, config=cfg, train_config=tc, guide=guide,
                            prior=args.prior, progress=not args.quiet and main, checkpoint_dir=ckpt_dir,
                            checkpoint_every=args.checkpoint_every, fsdp=args.fsdp)
@@ -288,7 +296,7 @@ def cmd_train(args) -> int:
                  meta={"dataset": args.dataset, "method": args.method, "train": tc.to_dict(),
                        "prior": (args.prior or "s0") if args.method in _BAYES else None,
                        "final_loss": trained.losses[-1], "fit_seconds": trained.fit_seconds,
-                       "fsdp": bool(args.fsdp)})
+                       "fsdp": bool(args.fsdp), "quantization": args.quantize})
     if not main:
         torch.distributed.barrier()  # rank 0 writes the run
         return 0
@@ -388,6 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write a checkpoint to <out>/checkpoint every N steps (default: every tenth of the steps)")
     p.add_argument("--resume", action="store_true",
                    help="continue the unfinished run checkpointed in <out>/checkpoint (give the same options)")
+    p.add_argument("--quantize", choices=("4bit", "8bit"), default=None,
+                   help="load the backbone's weights in 4-bit NF4 or 8-bit (bitsandbytes, QLoRA-style; needs a CUDA "
+                        "GPU); the adapters and s stay float32, and evaluate reloads the run the same way")
     p.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard the backbone's decoder layers over the processes (FSDP2) instead "
                         "of a whole copy on each")

@@ -68,11 +68,12 @@ def resolve_task(name: str, split: str, *, data_dir=None, limit: int | None = No
     return load_task(name, split, data_dir=data_dir, limit=limit, seed=seed)
 
 
-def backbone_factory(name: str, device: str | torch.device | None = None):
-    """``lambda: (model, tokenizer)`` on ``device`` (``"auto"``: CUDA if available); ``"tiny"``: the test model."""
+def backbone_factory(name: str, device: str | torch.device | None = None, *, quantization: str | None = None):
+    """``lambda: (model, tokenizer)`` on ``device`` (``"auto"``: CUDA if available); ``"tiny"``: the test model;
+    ``quantization``: see :func:`~scalabl_pyro.backbones.load_backbone`."""
     def load():
-        if name != "tiny":
-            return load_backbone(name, device=device)
+        if name != "tiny" or quantization is not None:
+            return load_backbone(name, device=device, quantization=quantization)
         model, tok = tiny_llama()
         return (model.to(resolve_device(device)) if device is not None else model), tok
 

@@ -183,7 +183,9 @@ def load_run(path: str | os.PathLike, *, backbone=None, example_batch=None, devi
                          "train and save the run again")
     rec = run["model"]
     cls = _model_class(rec)
-    lm, tok = backbone if backbone is not None else load_backbone(run["backbone"], device=device)
+    quantization = (run.get("meta") or {}).get("quantization")  # adapters trained on 4/8-bit weights reload on them
+    lm, tok = backbone if backbone is not None else load_backbone(run["backbone"], device=device,
+                                                                  quantization=quantization)
     config = ScalaBLConfig.from_dict(run["config"])
     net = AdaptedLM(lm, tok, label_words=run["label_words"], config=config, subspace=rec["subspace"],
                     seed=run["seed"])

@@ -64,6 +64,20 @@ def test_train_then_evaluate(tmp_path, capsys):
     assert "already holds a run" in capsys.readouterr().err
 
 
+def test_a_run_trained_on_quantized_weights_reloads_on_them(tmp_path):
+    """run.json's meta.quantization (written by train --quantize) reaches load_backbone when the run is loaded."""
+    from scalabl_pyro.io import load_run
+
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), "--r", "4", *TRAIN_TINY]) == 0
+    info = json.loads((run / "run.json").read_text())
+    assert info["meta"]["quantization"] is None and info["meta"]["fsdp"] is False
+    info["meta"]["quantization"] = "4bit"
+    (run / "run.json").write_text(json.dumps(info))
+    with pytest.raises(ValueError, match="quantization='4bit' quantizes pretrained weights; 'tiny'"):
+        load_run(run)
+
+
 def test_train_partial_bayesian_method(tmp_path, capsys):
     run = tmp_path / "last2"
     assert main(["train", "--out", str(run), "--method", "scalabl_last2", "--guide-lr", "0.05", "--r", "4",
@@ -197,6 +211,11 @@ def test_each_verb_refuses_options_it_does_not_use(argv, tmp_path, capsys):
     (["train", "--steps", "5", "--epochs", "2"], "--steps 5 and --epochs 2 both set the budget: give one"),
     (["benchmark", "--steps", "5", "--epochs", "2"], "both set the budget"),
     (["demo", "--epochs", "0"], "--epochs 0: give a positive number"),
+    (["train", "--fsdp"], "launch with torchrun"),
+    (["train", "--fsdp", "--quantize", "4bit"], "--quantize and --fsdp do not combine"),
+    (["train", "--quantize", "8bit", "--backbone", "tiny"], "'tiny' is built in memory"),
+    pytest.param(["train", "--quantize", "4bit"], "need a CUDA GPU",
+                 marks=pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")),
 ])
 def test_ignored_combinations_are_refused(argv, message, tmp_path, capsys):
     assert main([*argv, "--out", str(tmp_path / "x"), "--quiet"]) == 2
