@@ -19,6 +19,7 @@ Usage::
     python bench/partial.py                     # SmolLM2-135M, choice and letter format, B = 8, S = 10
     python bench/partial.py --backbone tiny     # seconds: checks that the script runs
     python bench/partial.py --out bench/partial.json
+    python bench/partial.py --device cuda       # on a GPU (timings synchronized)
 """
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_time import cpu_snapshot, foreign_cpu, load, make_mc_examples, table  # noqa: E402
+import step_time  # noqa: E402
+from step_time import cpu_snapshot, foreign_cpu, load, make_mc_examples, sync, table  # noqa: E402
 
 
 def build(args, scoring: str):
@@ -66,12 +68,14 @@ def run_once(name, entry, S):
 
     net, model, guide, batch = entry
     r0 = net.forward_rows
+    sync()
     t0 = time.perf_counter()
     with torch.no_grad():
         if model is None:
             probs = net.logits(batch)[0].softmax(-1)
         else:
             probs = Predictive(model, guide=guide, num_samples=S, parallel=True, return_sites=("probs",))(batch)["probs"]
+    sync()
     return time.perf_counter() - t0, net.forward_rows - r0, probs
 
 
@@ -104,7 +108,11 @@ def main(argv=None) -> int:
                     help="ScalaBLConfig.max_forward_batch of all three models (default: the config's, 64)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="write all numbers to this JSON file (atomically)")
+    ap.add_argument("--device", default="cpu", help='"cpu" (default), "cuda" or "auto"')
     args = ap.parse_args(argv)
+    from scalabl_pyro.backbones import resolve_device
+
+    step_time._DEVICE = resolve_device(args.device)  # load() and sync() read it
     import pyro
 
     from scalabl_pyro._utils import atomic_write_json
@@ -112,7 +120,8 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     S, results = args.num_samples, {}
     print(f"# partial: backbone={args.backbone} B={args.batch_size} S={S} last {args.layers} layers + lm_head "
-          f"stochastic; threads={torch.get_num_threads()} torch={torch.__version__} pyro={pyro.__version__}")
+          f"stochastic; device={step_time._DEVICE} threads={torch.get_num_threads()} torch={torch.__version__} "
+          f"pyro={pyro.__version__}")
     for scoring in args.scoring.split(","):
         entries = build(args, scoring)
         names = list(entries)
