@@ -1,6 +1,6 @@
 """How much does BoolQ's fallback split leak? Metrics on test questions whose passage is also in train.
 
-BoolQ ships no labelled local train split, so :func:`scalabl_pyro.data.load_task` splits the validation
+BoolQ ships no labelled local train split, so :func:`scalabl_pyro.harness.data.load_task` splits the validation
 file 50/50 by question (seeded). BoolQ asks up to ~4 questions about the same Wikipedia passage, so some test
 questions share their passage with a training question (not their answer). This script reads the grid's
 saved predictions (``<results>/boolq.<method>.seed<k>/predictions.safetensors``), splits the test questions
@@ -22,16 +22,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from scalabl_pyro.experiment import GridConfig, resolve_task
+from scalabl_pyro.harness.experiment import GridConfig, resolve_task
 from scalabl_pyro.metrics import classification_metrics
 
 
 def passage(example) -> str:
-    """The passage of a BoolQ prompt (``"<passage>\\nQuestion: ..."``, as :mod:`scalabl_pyro.data` writes it)."""
+    """The passage of a BoolQ prompt (``"<passage>\\nQuestion: ..."``, as :mod:`scalabl_pyro.harness.data` writes it)."""
     head, sep, _ = example.context.partition("\nQuestion:")
     if not sep:
         raise SystemExit(f"BoolQ item {example.id!r} has no '\\nQuestion:' in its prompt: the prompt format of "
-                         f"scalabl_pyro.data changed; update passage() in this script")
+                         f"scalabl_pyro.harness.data changed; update passage() in this script")
     return head
 
 

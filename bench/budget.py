@@ -29,8 +29,8 @@ import pyro
 import torch
 
 from scalabl_pyro._utils import atomic_write_json
-from scalabl_pyro.experiment import GridConfig, backbone_factory, resolve_task
-from scalabl_pyro.methods import PRIORS, train_method
+from scalabl_pyro.harness.experiment import GridConfig, backbone_factory, resolve_task
+from scalabl_pyro.harness.methods import PRIORS, train_method
 
 
 def holdout(examples, *, fraction: float, seed: int = 0, group=lambda e: e.id):

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from scalabl_pyro import country_task
 from scalabl_pyro._utils import atomic_write_json
-from scalabl_pyro.experiment import GridConfig
+from scalabl_pyro.harness.experiment import GridConfig
 
 from budget import validate  # bench/budget.py, beside this script
 

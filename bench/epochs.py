@@ -30,8 +30,8 @@ import torch
 from budget import guide_stats, holdout, twin_pair
 from scalabl_pyro._utils import atomic_write_json
 from scalabl_pyro.convergence import HeldoutCurve
-from scalabl_pyro.experiment import GridConfig, backbone_factory, resolve_task
-from scalabl_pyro.methods import PRIORS, train_method
+from scalabl_pyro.harness.experiment import GridConfig, backbone_factory, resolve_task
+from scalabl_pyro.harness.methods import PRIORS, train_method
 from scalabl_pyro.metrics import heldout_curves_plot
 
 

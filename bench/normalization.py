@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 
 from scalabl_pyro._utils import atomic_write_json
-from scalabl_pyro.experiment import GridConfig, backbone_factory, resolve_task
-from scalabl_pyro.methods import train_method
+from scalabl_pyro.harness.experiment import GridConfig, backbone_factory, resolve_task
+from scalabl_pyro.harness.methods import train_method
 
 
 def run(dataset: str, normalize: str, grid: GridConfig, *, limit: int, device: str) -> dict:

@@ -131,13 +131,13 @@ _SHORT = ["yes", "no", "only in winter", "not any more", "the railway", "two bri
 
 def _example_cls():
     try:
-        from scalabl_pyro.data import Example  # noqa: WPS433
+        from scalabl_pyro.harness.data import Example  # noqa: WPS433
         return Example
     except Exception:  # pragma: no cover - fallback if the data module is absent/broken
         from dataclasses import dataclass
 
         @dataclass(frozen=True)
-        class Example:  # same fields as scalabl_pyro.data.Example
+        class Example:  # same fields as scalabl_pyro.harness.data.Example
             id: str
             label: int
             choices: tuple

@@ -17,7 +17,6 @@ Example::
 from .backbones import DEFAULT_BACKBONE, char_tokenizer, load_backbone, random_llm, tiny_llama
 from .baselines import apply_temperature, calibrate, fit_temperature
 from .config import ScalaBLConfig, TrainConfig
-from .data import Example, TaskData, available_datasets, load_task
 from .checkpoint import CheckpointMismatchError
 from .convergence import ConvergenceWarning, HeldoutCurve
 from .guides import GUIDES, check_fresh_guide, default_guide, guide_spec, init_to_s0, laplace_posterior, make_guide
@@ -39,10 +38,11 @@ from .predictive import Prediction, predict
 from .priors import (LayerScalePrior, centered_prior, isotropic_normal, laplace_prior, normalize_prior, prior_from_spec,
                      prior_to_spec, stack_priors, student_t_prior)
 from .scoring import AdaptedLM
-from .tasks import country_task
 from .train import FitResult, empty_guide, fit, make_elbo, make_optimizer
 from .trunk import last_layers
-from .userdata import load_user_task, task_from_records
+from .harness.data import Example, TaskData, available_datasets, load_task
+from .harness.tasks import country_task
+from .harness.userdata import load_user_task, task_from_records
 
 __version__ = "0.2.0"
 

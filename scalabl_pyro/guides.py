@@ -152,7 +152,7 @@ def guide_spec(guide) -> dict | None:
 def laplace_posterior(model, batch, *, loc=None, scale=None, scale_tril=None):
     """A fixed Gaussian posterior ``N(loc, diag(scale) scale_tril scale_tril^T diag(scale))`` over all latent
     coordinates, as an :class:`~pyro.infer.autoguide.AutoMultivariateNormal` whose moments are buffers (not
-    trained). :func:`~scalabl_pyro.methods.laplace_guide` fills it; without moments it is zeros / identity
+    trained). :func:`~scalabl_pyro.baselines.laplace.laplace_guide` fills it; without moments it is zeros / identity
     (for :func:`~scalabl_pyro.io.load_run` to load into).
 
     :param batch: any collated batch (sets up the guide's prototype).

@@ -32,15 +32,18 @@ from ._utils import atomic_dir, atomic_write_json
 from .backbones import load_backbone
 from .config import ScalaBLConfig, TrainConfig
 from .guides import check_fresh_guide, guide_spec, laplace_posterior, make_guide
-from .model import LoRAModel, ScalaBL
+from .model import LoRAModel
 from .priors import isotropic_normal, prior_from_spec
 from .scoring import AdaptedLM
 
 __all__ = ["save_run", "load_run", "export_peft", "RunExistsError"]
 
 _FORMAT = 2
-_SAVABLE = {("scalabl_pyro.model", "LoRAModel"), ("scalabl_pyro.model", "ScalaBL"), ("scalabl_pyro.methods", "BLoB"),
-            ("scalabl_pyro.polar", "PolarVBLL")}
+_SAVABLE = {("scalabl_pyro.model", "LoRAModel"), ("scalabl_pyro.model", "ScalaBL"), ("scalabl_pyro.baselines.blob", "BLoB"),
+            ("scalabl_pyro.baselines.polar", "PolarVBLL")}
+#: where runs saved by earlier versions name a class that has moved since (read as the new place)
+_MOVED = {("scalabl_pyro.methods", "BLoB"): "scalabl_pyro.baselines.blob",
+          ("scalabl_pyro.polar", "PolarVBLL"): "scalabl_pyro.baselines.polar"}
 
 
 class RunExistsError(FileExistsError):
@@ -134,6 +137,7 @@ def save_run(path: str | os.PathLike, model, guide=None, *, train_config: TrainC
 
 
 def _model_class(record: dict):
+    record = {**record, "module": _MOVED.get((record["module"], record["class"]), record["module"])}
     if (record["module"], record["class"]) not in _SAVABLE:
         raise ValueError(f"run.json names the model class {record['module']}.{record['class']}, outside scalabl_pyro")
     try:

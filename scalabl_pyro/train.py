@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import pyro
 import torch
 from pyro import poutine
-from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
+from pyro.infer import TraceMeanField_ELBO
 
 from . import checkpoint as ckpt
 from . import distributed

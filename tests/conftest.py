@@ -21,7 +21,7 @@ from scalabl_pyro.model import LoRAModel, ScalaBL
 from scalabl_pyro.scoring import AdaptedLM
 
 try:  # the package's own record type, when the data module is present and importable
-    from scalabl_pyro.data import Example
+    from scalabl_pyro.harness.data import Example
 except Exception:  # pragma: no cover - fallback with exactly the same fields
     @dataclass(frozen=True)
     class Example:

@@ -19,7 +19,7 @@ from scalabl_pyro import (AdaptedLM, CheckpointMismatchError, LoRAModel, ParamSt
                           ScalaBL, ScalaBLConfig, TrainConfig, default_guide, fit, load_run, load_task, make_guide,
                           save_run, tiny_llama)
 from scalabl_pyro.backbones import load_backbone, resolve_device
-from scalabl_pyro.data import DataFormatError, UnknownDatasetError
+from scalabl_pyro.harness.data import DataFormatError, UnknownDatasetError
 
 
 def _net(**cfg):

@@ -6,8 +6,8 @@ import re
 import pytest
 
 import scalabl_pyro
-from scalabl_pyro.cli import VERB_OPTIONS, main
-from scalabl_pyro.experiment import run_dir
+from scalabl_pyro.harness.cli import VERB_OPTIONS, main
+from scalabl_pyro.harness.experiment import run_dir
 
 TRAIN_TINY = ["--backbone", "tiny", "--steps", "2", "--batch-size", "4", "--train-limit", "8", "--quiet"]
 EVAL_TINY = ["--test-limit", "6", "--num-samples", "3", "--quiet"]
@@ -28,7 +28,7 @@ def test_demo_and_overwrite(tmp_path, capsys):
 
 
 def test_demo_defaults_to_its_own_budget_and_prior(monkeypatch):
-    import scalabl_pyro.experiment as experiment
+    import scalabl_pyro.harness.experiment as experiment
 
     seen = {}
     monkeypatch.setattr(experiment, "demo", lambda out, *, grid, **kw: seen.setdefault("grid", grid) and "table")
@@ -226,7 +226,7 @@ def test_ignored_combinations_are_refused(argv, message, tmp_path, capsys):
 
 
 def test_benchmark_letter_scoring_from_config_with_normalize(tmp_path, capsys):
-    from scalabl_pyro.experiment import GridConfig
+    from scalabl_pyro.harness.experiment import GridConfig
 
     cfg = GridConfig(scoring="letter").save(tmp_path / "grid.json")
     assert main(["benchmark", "--config", str(cfg), "--normalize", "tokens", "--out", str(tmp_path / "x")]) == 2
@@ -235,7 +235,7 @@ def test_benchmark_letter_scoring_from_config_with_normalize(tmp_path, capsys):
 
 @pytest.mark.parametrize("verb", ["benchmark", "compare-guides"])
 def test_normalize_reaches_the_grid(verb, monkeypatch, tmp_path):
-    import scalabl_pyro.experiment as experiment
+    import scalabl_pyro.harness.experiment as experiment
 
     seen = {}
     monkeypatch.setattr(experiment, "run_grid", lambda grid, out, **kw: seen.setdefault("grid", grid) and [])

@@ -1,4 +1,4 @@
-"""Tests of scalabl_pyro.data: real-file adapters (skipped without ../shared/data), malformed files, registry,
+"""Tests of scalabl_pyro.harness.data: real-file adapters (skipped without ../shared/data), malformed files, registry,
 hub normalizers (hand-made hub-shaped rows, no network)."""
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-import scalabl_pyro.data as data_mod
-from scalabl_pyro.data import (
+import scalabl_pyro.harness.data as data_mod
+from scalabl_pyro.harness.data import (
     DATASETS,
     MMLU_SUBJECTS,
     BenchmarkNotFoundError,

@@ -14,8 +14,8 @@ from pyro.infer import SVI, Predictive, Trace_ELBO
 from scalabl_pyro import (GUIDES, AdaptedLM, LayerScalePrior, ScalaBL, ScalaBLConfig, TrainConfig, country_task,
                           load_run, make_guide, predict, save_run, student_t_prior, tiny_llama)
 from scalabl_pyro.backbones import resolve_device
-from scalabl_pyro.experiment import backbone_factory
-from scalabl_pyro.methods import METHODS, train_method
+from scalabl_pyro.harness.experiment import backbone_factory
+from scalabl_pyro.harness.methods import METHODS, train_method
 
 from conftest import LABEL_WORDS, randomize_lora, random_s, synthetic_examples, strict_warnings
 

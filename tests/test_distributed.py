@@ -250,7 +250,7 @@ def test_shard_model_needs_a_process_group():
 
 
 def test_cli_fsdp_needs_torchrun(tmp_path, capsys):
-    from scalabl_pyro.cli import main
+    from scalabl_pyro.harness.cli import main
 
     assert main(["train", "--backbone", "tiny", "--fsdp", "--out", str(tmp_path / "r"), "--quiet"]) == 2
     assert "launch with torchrun" in capsys.readouterr().err

@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from scalabl_pyro import experiment
-from scalabl_pyro.experiment import GridConfig, demo, load_results, run_dir, run_grid, summarize
+from scalabl_pyro.harness import experiment
+from scalabl_pyro.harness.experiment import GridConfig, demo, load_results, run_dir, run_grid, summarize
 from scalabl_pyro.harness.report import report_sections
 
 
@@ -166,7 +166,7 @@ def test_grid_kl_anneal_and_prior_reach_fit(tmp_path, monkeypatch):
 
 
 def test_label_words_must_agree():
-    from scalabl_pyro.data import TaskData
+    from scalabl_pyro.harness.data import TaskData
     a = TaskData("a", "test", (), ("A", "B", "C", "D"))
     b = TaskData("b", "test", (), ("no", "yes"))
     with pytest.raises(ValueError, match="answer words"):

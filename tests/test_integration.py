@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import scalabl_pyro as sp
-from scalabl_pyro.data import default_data_dir
+from scalabl_pyro.harness.data import default_data_dir
 
 pytestmark = pytest.mark.integration
 

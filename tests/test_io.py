@@ -299,7 +299,7 @@ def test_custom_callable_prior_must_be_given_again(make_model, tmp_path):
 def test_every_method_round_trips(tmp_path, method):
     from conftest import LABEL_WORDS
     from scalabl_pyro.config import ScalaBLConfig
-    from scalabl_pyro.methods import METHODS, load_trained, save_trained, train_method
+    from scalabl_pyro.harness.methods import METHODS, load_trained, save_trained, train_method
 
     assert method in METHODS
     cfg = ScalaBLConfig(r=4, scoring="letter")
@@ -329,7 +329,7 @@ def test_every_method_round_trips(tmp_path, method):
 def test_polar_vbll_round_trips(tmp_path):
     from conftest import LABEL_WORDS
     from scalabl_pyro.config import ScalaBLConfig
-    from scalabl_pyro.polar import train_polar_vbll
+    from scalabl_pyro.harness.methods import train_polar_vbll
 
     cfg = ScalaBLConfig(r=4, scoring="letter", target_modules=("q_proj", "v_proj"))
     t = train_polar_vbll(tiny_llama, synthetic_examples(12), label_words=LABEL_WORDS, config=cfg, prior_scale=0.5,

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from scalabl_pyro import ScalaBLConfig, TrainConfig, country_task, tiny_llama
-from scalabl_pyro.methods import METHODS, lora_parameter_count, train_method
+from scalabl_pyro.harness.methods import METHODS, lora_parameter_count, train_method
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ def test_laplace_covariance_is_positive_definite(data):
 
 
 def test_temperature_method_fits_T_on_held_out_training_data(monkeypatch):
-    import scalabl_pyro.methods as methods
+    import scalabl_pyro.harness.methods as methods
     from conftest import LABEL_WORDS, synthetic_examples
     from scalabl_pyro.baselines.temperature import fit_temperature
     from scalabl_pyro.config import ScalaBLConfig, TrainConfig
@@ -99,7 +99,7 @@ def test_temperature_method_fits_T_on_held_out_training_data(monkeypatch):
 
 
 def test_validation_split_errors():
-    from scalabl_pyro.methods import validation_split
+    from scalabl_pyro.harness.methods import validation_split
 
     with pytest.raises(ValueError, match="fraction=1.5 must be between 0 and 1"):
         validation_split(list(range(10)), fraction=1.5)

@@ -13,8 +13,9 @@ from pyro.poutine.util import site_is_subsample
 from conftest import LABEL_WORDS, direct_letter_logits, synthetic_examples, strict_warnings
 from scalabl_pyro.backbones import tiny_llama
 from scalabl_pyro.config import ScalaBLConfig, TrainConfig
-from scalabl_pyro.polar import (HEAD_SITE, PolarVBLL, make_polar, orthogonality_error, polar_guide, polar_retract,
-                                retract_every, stiefel_retract, train_polar_vbll)
+from scalabl_pyro.baselines.polar import (HEAD_SITE, PolarVBLL, orthogonality_error, polar_guide, polar_retract,
+                                          retract_every, stiefel_retract)
+from scalabl_pyro.harness.methods import train_polar_vbll
 from scalabl_pyro.scoring import AdaptedLM
 from scalabl_pyro.train import fit
 

@@ -1,10 +1,10 @@
-"""Tests of the embedded countries task (scalabl_pyro.tasks)."""
+"""Tests of the embedded countries task (scalabl_pyro.harness.tasks)."""
 from __future__ import annotations
 
 import pytest
 
-from scalabl_pyro.data import TaskData, qa_context
-from scalabl_pyro.tasks import CONTINENTS, FACTS, country_task
+from scalabl_pyro.harness.data import TaskData, qa_context
+from scalabl_pyro.harness.tasks import CONTINENTS, FACTS, country_task
 
 BY_COUNTRY = {f.country: f for f in FACTS}
 BY_CAPITAL = {f.capital: f for f in FACTS}
@@ -114,7 +114,7 @@ def test_num_choices_and_errors():
 
 
 def test_continent_distractors_come_from_the_answers_continent():
-    from scalabl_pyro.tasks import FACTS
+    from scalabl_pyro.harness.tasks import FACTS
     by_capital = {f.capital: f for f in FACTS}
     task = country_task("test", distractors="continent")
     same = total = 0

@@ -285,7 +285,7 @@ def test_calibrate_composes_with_any_prediction():
 
 def test_calibrate_a_trained_ensemble(make_model):
     """Composes with methods.Trained.predict (an ensemble of two tiny LoRA members: S = 2)."""
-    from scalabl_pyro.methods import Trained
+    from scalabl_pyro.harness.methods import Trained
     from scalabl_pyro.model import LoRAModel
 
     members = []

@@ -193,7 +193,7 @@ def test_partial_predictive_equals_unshared_evaluation_of_its_samples():
 def test_partial_model_takes_a_prior_for_every_module_and_the_grid_method_trains():
     """A dict prior over all modules (what the grid's default ``centered_prior(net.subspace.s0)`` is) keeps the
     stochastic modules' entries; ``train_method("scalabl_last2")`` makes only the top layers latent."""
-    from scalabl_pyro.methods import train_method
+    from scalabl_pyro.harness.methods import train_method
     from scalabl_pyro.priors import centered_prior
 
     net = _net()

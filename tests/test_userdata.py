@@ -1,4 +1,4 @@
-"""Bring your own data (scalabl_pyro.userdata): JSONL/CSV round trips, field mappings, every error with its file and
+"""Bring your own data (scalabl_pyro.harness.userdata): JSONL/CSV round trips, field mappings, every error with its file and
 line, the tasks working with the model code, and train + evaluate on a user file from the command line."""
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 import scalabl_pyro
-from scalabl_pyro.data import DataFormatError, Example, SplitNotFoundError, TaskData, letter_prompt, load_task
-from scalabl_pyro.userdata import completion_prompt, is_user_path, load_user_task, task_from_records
+from scalabl_pyro.harness.data import DataFormatError, Example, SplitNotFoundError, TaskData, letter_prompt, load_task
+from scalabl_pyro.harness.userdata import completion_prompt, is_user_path, load_user_task, task_from_records
 
 MC = {"id": "fr", "question": "What is the capital of France?", "choices": ["Paris", "Rome", "Oslo"], "label": 0}
 MC_EXAMPLE = Example(
@@ -255,7 +255,7 @@ def test_user_task_runs_through_the_model_in_both_formats(tmp_path, scoring):
 
 # --------------------------------------------------------------------------------------------- command line
 def test_cli_trains_and_evaluates_on_user_files(tmp_path, capsys):
-    from scalabl_pyro.cli import main
+    from scalabl_pyro.harness.cli import main
 
     qs = [("France", "Paris"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Norway", "Oslo"), ("Peru", "Lima")]
     rows = [{"question": f"What is the capital of {c}?", "choices": [a, "Bern", "Kyiv"] if i % 2 == 0 else
@@ -291,7 +291,7 @@ def test_cli_trains_and_evaluates_on_user_files(tmp_path, capsys):
 
 
 def test_cli_folder_dataset_defaults_to_its_test_split(tmp_path):
-    from scalabl_pyro.cli import main
+    from scalabl_pyro.harness.cli import main
 
     d = tmp_path / "mine"
     d.mkdir()

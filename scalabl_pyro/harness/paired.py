@@ -33,7 +33,7 @@ def paired_differences(out_dir: str | os.PathLike, results: Sequence[dict], *, m
     """``method`` minus each of ``against``, per (training set, evaluation set), over the seeds both finished.
 
     :param out_dir: the grid's folder (each run's ``predictions.safetensors`` is read from there).
-    :param results: the finished runs' ``result.json`` dicts (:func:`~scalabl_pyro.experiment.load_results`).
+    :param results: the finished runs' ``result.json`` dicts (:func:`~scalabl_pyro.harness.experiment.load_results`).
     :returns: one row per (train, eval, baseline) with ``seeds``, ``n`` and, per metric, the raw triple
         ``(difference, low, high)`` under ``<metric>_diff`` and its text ``"+0.012 [-0.004, +0.030]"`` under
         ``<metric>``. Pairs with no common seed are left out, and so are runs without ``predictions.safetensors``

@@ -177,7 +177,7 @@ def cmd_demo(args) -> int:
 
 def cmd_benchmark(args) -> int:
     from .experiment import GridConfig, run_grid
-    from .metrics import format_table
+    from ..metrics import format_table
 
     if args.no_run:
         given = [flag for flag, v in (("--device", args.device), ("--workers", args.workers),
@@ -209,8 +209,8 @@ def cmd_benchmark(args) -> int:
 
 def cmd_compare_guides(args) -> int:
     from .experiment import GridConfig, compare_guides
-    from .guides import GUIDES
-    from .metrics import format_table
+    from ..guides import GUIDES
+    from ..metrics import format_table
 
     guides = [g.strip() for g in args.guides.split(",")]
     if bad := [g for g in guides if g not in GUIDES]:
@@ -232,10 +232,10 @@ _BAYES = ("scalabl", "scalabl_last2")
 def cmd_train(args) -> int:
     import torch
 
-    from . import distributed
-    from .config import ScalaBLConfig, TrainConfig
+    from .. import distributed
+    from ..config import ScalaBLConfig, TrainConfig
     from .experiment import backbone_factory, resolve_task
-    from .io import RunExistsError, save_run
+    from ..io import RunExistsError, save_run
     from .methods import train_method
 
     dp = distributed.init_from_env()  # under torchrun / accelerate launch: data-parallel fit, rank 0 writes
@@ -255,7 +255,7 @@ def cmd_train(args) -> int:
         raise UsageError("--fsdp shards the backbone over the processes of a torchrun job: launch with torchrun "
                          "--nproc-per-node N -m scalabl_pyro -- train ... (or drop --fsdp)")
     if args.quantize:  # the checks of load_backbone (a CUDA GPU, bitsandbytes, a pretrained backbone) before any work
-        from .backbones import check_quantization
+        from ..backbones import check_quantization
 
         check_quantization(args.quantize, args.backbone or "smollm2", args.device or "auto")
     _check_normalize(args, args.scoring or "choice", args.normalize)
@@ -309,11 +309,11 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from ._utils import atomic_write_json
+    from .._utils import atomic_write_json
     from .experiment import backbone_factory, resolve_task
-    from .io import RunExistsError, load_run
-    from .metrics import format_table, reliability_diagram
-    from .predictive import predict
+    from ..io import RunExistsError, load_run
+    from ..metrics import format_table, reliability_diagram
+    from ..predictive import predict
     from .userdata import SUFFIXES, is_user_path
 
     run = Path(args.run)
@@ -354,8 +354,8 @@ def cmd_evaluate(args) -> int:
 
 # ------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-    from .guides import GUIDES
+    from .. import __version__
+    from ..guides import GUIDES
 
     ap = _Parser(prog="scalabl-pyro", description="Bayesian LoRA (ScalaBL) as a Pyro model.", allow_abbrev=False,
                  epilog="'scalabl-pyro VERB --help' lists each verb's options, with examples.")

@@ -12,7 +12,7 @@ or 1; in a CSV every cell is text, so there ``2`` is the index 2. Every row need
 with some text; rows may have different numbers of choices (the task then has as many classes as its
 longest row). Other fields are ignored. Ids must be unique; a row without one gets ``<file stem>-line<N>``.
 
-Both formats of :class:`~scalabl_pyro.data.Example` are built the way :mod:`scalabl_pyro.data` builds the
+Both formats of :class:`~scalabl_pyro.harness.data.Example` are built the way :mod:`scalabl_pyro.harness.data` builds the
 built-in benchmarks:
 
 * multiple choice, like ARC/MMLU: ``prompt = letter_prompt(question, choices)``, ``context =
@@ -32,7 +32,7 @@ a folder holds one file per split (``train.jsonl``, ``validation.csv``, ``test.j
 "answer"}``; a list field may also name several columns (``{"choices": ["A", "B", "C", "D"]}``), and a
 dotted name reaches into a nested record (``{"choices": "choices.text"}``, as in the Hugging Face ARC rows).
 Every error names the file and line (or the record), the field and the fix; it is a
-:class:`~scalabl_pyro.data.DataFormatError` (a ``ValueError``), or a ``FileNotFoundError`` for a missing
+:class:`~scalabl_pyro.harness.data.DataFormatError` (a ``ValueError``), or a ``FileNotFoundError`` for a missing
 file or split.
 
 Example::
@@ -54,7 +54,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
-from .data import LETTERS, DataFormatError, Example, SplitNotFoundError, TaskData, letter_prompt, qa_context
+from .records import LETTERS, DataFormatError, Example, SplitNotFoundError, TaskData, letter_prompt, qa_context
 
 __all__ = ["load_user_task", "task_from_records", "is_user_path", "load_if_user_path", "completion_prompt", "FIELDS",
            "SUFFIXES"]
@@ -369,7 +369,7 @@ def load_user_task(path: str | os.PathLike, split: str = "train", *, fields: Map
     :param split: the split's name; picks the file in a folder.
     :param fields: your names for the schema's fields (see the module docs), e.g. ``{"label": "answer"}``.
     :param limit: keep a seeded random subset of this many rows; :param seed: its seed.
-    :returns: a :class:`~scalabl_pyro.data.TaskData` named after the file's stem (or the folder), with label
+    :returns: a :class:`~scalabl_pyro.harness.data.TaskData` named after the file's stem (or the folder), with label
         words ``A, B, ...`` (as many as the longest row has choices).
     :raises DataFormatError: a bad row (file, line, field and fix in the message), an empty file or an
         unknown file type. :raises FileNotFoundError: no such file (``SplitNotFoundError``: no such split file).
@@ -421,7 +421,7 @@ def load_user_task(path: str | os.PathLike, split: str = "train", *, fields: Map
 
 def load_if_user_path(name: Any, split: str, *, data_dir=None, hub: bool = False, fields=None, limit=None,
                       seed: int = 0) -> TaskData | None:
-    """:func:`~scalabl_pyro.data.load_task`'s dispatch: :func:`load_user_task` if ``name`` is a path, else ``None``.
+    """:func:`~scalabl_pyro.harness.data.load_task`'s dispatch: :func:`load_user_task` if ``name`` is a path, else ``None``.
 
     :raises ValueError: ``data_dir``/``hub`` with a path (they only locate the built-in benchmarks), or
         ``fields`` with a benchmark name (it maps the columns of your own files).

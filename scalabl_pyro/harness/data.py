@@ -19,7 +19,7 @@ Face Hub and mapped to the uniform schema by small row normalizers.
 
 Example::
 
-    from scalabl_pyro.data import load_task, available_datasets
+    from scalabl_pyro.harness.data import load_task, available_datasets
 
     task = load_task("arc_easy", "test", limit=200, seed=0)
     print(task.name, task.split, len(task), task.num_classes)   # arc_easy test 200 5
@@ -37,7 +37,12 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Mapping
+
+from .hubrows import (HUB_NORMALIZERS, normalize_arc_row, normalize_boolq_row, normalize_mmlu_row,
+                      normalize_openbookqa_row, normalize_winogrande_row)
+from .records import (LETTERS, BenchmarkNotFoundError, DataFormatError, Example, HubUnavailableError, SplitNotFoundError,
+                      TaskData, UnknownDatasetError, _require, _require_text, letter_prompt, qa_context, validate_example)
 
 __all__ = [
     "Example",
@@ -66,9 +71,6 @@ __all__ = [
     "HUB_NORMALIZERS",
 ]
 
-#: Answer letters used by the letter format (``LETTERS[:num_classes]``).
-LETTERS: tuple[str, ...] = tuple("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
-
 #: Seed of the permutation that splits a validation file into ``train``/``test`` halves when a
 #: benchmark has no local train file (BoolQ). Fixed on purpose: it does not follow ``load_task(seed=)``,
 #: so that ``train`` and ``test`` loaded with different ``seed`` values never overlap.
@@ -76,225 +78,6 @@ FALLBACK_SPLIT_SEED = 0
 
 #: Environment variable that points to the data root (the folder holding ``arc_easy/``, ``mmlu/``, ...).
 DATA_DIR_ENV = "SCALABL_DATA_DIR"
-
-
-# ---------------------------------------------------------------------------------------------- errors
-class DataFormatError(ValueError):
-    """A data row (or file) does not match the expected schema; the message names file and line."""
-
-
-class SplitNotFoundError(FileNotFoundError):
-    """The requested split has no file (and no fallback); the message lists the splits that exist."""
-
-
-class BenchmarkNotFoundError(FileNotFoundError):
-    """The data folder exists but holds no folder for the requested benchmark."""
-
-
-class UnknownDatasetError(KeyError):
-    """The dataset name is not registered; the message lists close matches."""
-
-    def __str__(self) -> str:  # KeyError would repr-quote the message
-        return str(self.args[0]) if self.args else ""
-
-
-class HubUnavailableError(ConnectionError):
-    """Loading from the Hugging Face Hub failed (offline, unknown split, ...)."""
-
-
-# ---------------------------------------------------------------------------------------------- records
-@dataclass(frozen=True)
-class Example:
-    """One multiple-choice item, in both the letter and the choice-likelihood format.
-
-    :param id: identifier, unique within a split (e.g. ``"Mercury_417466"``, ``"capital:France"``).
-    :param label: index of the correct choice in ``choices``.
-    :param choices: raw choice texts, for display.
-    :param prompt: letter-format prompt; ends with ``"Answer:"``, the next token is ``" A"``, ``" B"``, ...
-    :param context: choice-likelihood context shared by all choices (may be ``""`` only for WinoGrande
-        items whose blank opens the sentence; the model code prepends BOS).
-    :param continuations: text appended verbatim to ``context`` for each choice (e.g. ``" Paris"``);
-        one per choice.
-
-    Example::
-
-        ex = Example(id="q1", label=0, choices=("Paris", "Rome"),
-                     prompt=letter_prompt("What is the capital of France?", ["Paris", "Rome"]),
-                     context=qa_context("What is the capital of France?"),
-                     continuations=(" Paris", " Rome"))
-    """
-
-    id: str
-    label: int
-    choices: tuple[str, ...]
-    prompt: str
-    context: str
-    continuations: tuple[str, ...]
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "id", str(self.id))
-        object.__setattr__(self, "choices", tuple(self.choices))
-        object.__setattr__(self, "continuations", tuple(self.continuations))
-
-
-def validate_example(ex: Example, num_classes: int, *, where: str = "") -> None:
-    """Check that ``ex`` is a well-formed item of a task with ``num_classes`` classes.
-
-    :param ex: the example to check.
-    :param num_classes: number of classes (answer words) of the task.
-    :param where: location prefix for the error message (e.g. ``"arc_easy/test.jsonl, line 12"``).
-    :raises ValueError: label not an int or out of range, no choices, an empty/whitespace choice, more
-        choices than classes, or a continuation count different from the choice count.
-
-    Example::
-
-        validate_example(task[0], task.num_classes, where="arc_easy test item 0")
-    """
-    at = f"{where}: " if where else ""
-    at += f"example {ex.id!r} "
-    n = len(ex.choices)
-    if n == 0:
-        raise ValueError(f"{at}has no choices; every example needs at least one choice text "
-                         f"(fix or drop this row)")
-    for k, c in enumerate(ex.choices):
-        if not isinstance(c, str) or not c.strip():
-            raise ValueError(f"{at}choice {k} is {c!r}, an empty or non-text choice; fill in the "
-                             f"choice text or drop this row")
-    if n > num_classes:
-        raise ValueError(f"{at}has {n} choices but the task has only {num_classes} classes; drop the row "
-                         f"or give the task more label words (one per possible choice)")
-    if isinstance(ex.label, bool) or not isinstance(ex.label, int):
-        raise ValueError(f"{at}label {ex.label!r} is not an integer; labels are 0-based choice indices")
-    if not 0 <= ex.label < n:
-        raise ValueError(f"{at}label {ex.label} is out of range; allowed 0..{n - 1} "
-                         f"(it indexes the {n} choices)")
-    if len(ex.continuations) != n:
-        raise ValueError(f"{at}has {len(ex.continuations)} continuations for {n} choices; build exactly "
-                         f"one continuation per choice")
-    if not isinstance(ex.prompt, str) or not isinstance(ex.context, str):
-        raise ValueError(f"{at}prompt and context must be strings")
-
-
-@dataclass(frozen=True)
-class TaskData:
-    """A classification task: examples plus the answer words of the letter format.
-
-    :param name: canonical task name (``"arc_easy"``, ``"countries"``, ...).
-    :param split: split name (``"train"``, ``"test"``, ...).
-    :param examples: the items; each is validated against ``num_classes`` on construction.
-    :param label_words: answer words, one per class (``("A", "B", "C", "D")``, ``("no", "yes")``).
-    :param note: provenance remarks, e.g. how a missing split was derived.
-
-    ``num_classes == len(label_words)``; an example may have fewer choices than classes (ARC has 5
-    label words and a few items with 3 or 4 choices: the remaining classes are simply absent).
-
-    Example::
-
-        task = load_task("boolq", "train")
-        print(task.note)
-        small = task.subset(100, seed=1)
-        labels = [ex.label for ex in small]
-    """
-
-    name: str
-    split: str
-    examples: tuple[Example, ...]
-    label_words: tuple[str, ...]
-    note: str = ""
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "examples", tuple(self.examples))
-        object.__setattr__(self, "label_words", tuple(self.label_words))
-        lw = self.label_words
-        if not lw or any(not isinstance(w, str) or not w.strip() for w in lw):
-            raise ValueError(f"task {self.name!r}: label_words={lw!r} must be non-empty strings, one per class")
-        if len(set(lw)) != len(lw):
-            raise ValueError(f"task {self.name!r}: label_words={lw!r} contains duplicates; use one distinct "
-                             f"word per class")
-        for i, ex in enumerate(self.examples):
-            if not isinstance(ex, Example):
-                raise ValueError(f"task {self.name!r} item {i} is a {type(ex).__name__}, not an Example")
-            validate_example(ex, len(lw), where=f"task {self.name!r} split {self.split!r} item {i}")
-
-    @property
-    def num_classes(self) -> int:
-        """Number of classes (``len(label_words)``)."""
-        return len(self.label_words)
-
-    @property
-    def labels(self) -> tuple[int, ...]:
-        """The labels of all examples, in order."""
-        return tuple(ex.label for ex in self.examples)
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __iter__(self) -> Iterator[Example]:
-        return iter(self.examples)
-
-    def __getitem__(self, index):
-        """``task[i]`` is an :class:`Example`; ``task[a:b]`` is a :class:`TaskData`."""
-        if isinstance(index, slice):
-            return TaskData(self.name, self.split, self.examples[index], self.label_words, note=self.note)
-        return self.examples[index]
-
-    def __repr__(self) -> str:
-        note = f", note={self.note!r}" if self.note else ""
-        return (f"TaskData(name={self.name!r}, split={self.split!r}, n={len(self)}, "
-                f"label_words={self.label_words!r}{note})")
-
-    def subset(self, n: int, *, seed: int = 0) -> "TaskData":
-        """A deterministic random subset of ``n`` examples (all of them if ``n >= len(self)``).
-
-        The chosen examples keep their original order. Same ``seed`` → same subset.
-
-        :param n: number of examples to keep (a positive integer).
-        :param seed: seed of the random choice.
-
-        Example::
-
-            dev = task.subset(50, seed=0)
-        """
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"subset size n={n!r} must be a positive integer (use n >= len(task) for all)")
-        if n >= len(self):
-            return self
-        idx = sorted(random.Random(seed).sample(range(len(self)), n))
-        note = f"random subset of {n} of {len(self)} examples (seed {seed})"
-        note = f"{self.note}; {note}" if self.note else note
-        return TaskData(self.name, self.split, tuple(self.examples[i] for i in idx), self.label_words,
-                        note=note)
-
-
-# ---------------------------------------------------------------------------------------------- formats
-def letter_prompt(question: str, choices: Sequence[str], *, label_words: Sequence[str] = LETTERS) -> str:
-    """The letter-format prompt of the reference protocol.
-
-    :param question: question text (surrounding whitespace is stripped).
-    :param choices: choice texts (each stripped).
-    :param label_words: letters to show, one per choice.
-
-    Example::
-
-        letter_prompt("What is 2+2?", ["3", "4"])
-        # 'Question: What is 2+2?\\nChoices:\\nA) 3\\nB) 4\\nAnswer:'
-    """
-    if len(choices) > len(label_words):
-        raise ValueError(f"{len(choices)} choices but only {len(label_words)} label words; pass more label_words")
-    lines = [f"Question: {question.strip()}", "Choices:"]
-    lines += [f"{w}) {c.strip()}" for w, c in zip(label_words, choices)]
-    lines.append("Answer:")
-    return "\n".join(lines)
-
-
-def qa_context(question: str) -> str:
-    """The choice-likelihood context ``"Question: {question}\\nAnswer:"``.
-
-    Example::
-
-        qa_context("What is 2+2?")   # 'Question: What is 2+2?\\nAnswer:'
-    """
-    return f"Question: {question.strip()}\nAnswer:"
 
 
 # ---------------------------------------------------------------------------------------------- registry
@@ -419,7 +202,7 @@ def get_spec(name: str) -> DatasetSpec:
     if key.startswith("mmlu") and not close:
         hint = " MMLU names are 'mmlu_<subject>', e.g. 'mmlu_anatomy'."
     raise UnknownDatasetError(
-        f"unknown dataset {name!r}.{hint} See scalabl_pyro.data.available_datasets() for all "
+        f"unknown dataset {name!r}.{hint} See scalabl_pyro.harness.data.available_datasets() for all "
         f"{len(DATASETS)} names (openbookqa, arc_easy, arc_challenge, boolq, winogrande_s, winogrande_m, "
         f"mmlu_<subject>, aliases obqa/arc_e/arc_c); for your own data pass a .jsonl/.csv path or a folder."
     )
@@ -450,20 +233,6 @@ def default_data_dir() -> Path | None:
 
 
 # ---------------------------------------------------------------------------------------------- rows
-def _require(row: Mapping[str, Any], key: str, where: str) -> Any:
-    if key not in row:
-        raise DataFormatError(f"{where}: missing field {key!r} (fields present: {sorted(row)}); every row "
-                              f"needs it, see ../shared/data/README.md for the schema")
-    return row[key]
-
-
-def _require_text(row: Mapping[str, Any], key: str, where: str) -> str:
-    v = _require(row, key, where)
-    if not isinstance(v, str) or not v.strip():
-        raise DataFormatError(f"{where}: field {key!r} must be a non-empty string, got {v!r}; fix or drop the row")
-    return v
-
-
 def _check_row(row: Any, family: str, where: str) -> None:
     """Validate one uniform-schema row; raise :class:`DataFormatError` naming ``where``."""
     if not isinstance(row, dict):
@@ -530,110 +299,6 @@ def _build_example(family: str, row: Mapping[str, Any]) -> Example:
         sep = " " if context else ""
         return Example(rid, label, choices, prompt, context, tuple(sep + o + after for o in opts))
     raise ValueError(f"unknown dataset family {family!r}; expected one of openbookqa, arc, mmlu, boolq, winogrande")
-
-
-# ---------------------------------------------------------------------------------------------- hub rows
-def _hub_mc(row: Mapping[str, Any], qkey: str, where: str) -> dict[str, Any]:
-    ch = _require(row, "choices", where)
-    if not isinstance(ch, Mapping) or "text" not in ch or "label" not in ch:
-        raise DataFormatError(f"{where}: hub field 'choices' must be {{'text': [...], 'label': [...]}}, got {ch!r}")
-    texts, keys = list(ch["text"]), [str(k).strip() for k in ch["label"]]
-    key = str(_require(row, "answerKey", where)).strip()
-    if key not in keys:
-        raise DataFormatError(f"{where}: answerKey {key!r} is not one of the choice labels {keys}")
-    return {"id": str(_require(row, "id", where)), "question": _require(row, qkey, where), "choices": texts,
-            "label": keys.index(key), "choice_labels": keys, "answer_key": key}
-
-
-def normalize_openbookqa_row(row: Mapping[str, Any], *, index: int = 0, split: str = "train") -> dict[str, Any]:
-    """Map an ``allenai/openbookqa`` (config ``main``) row to the uniform local schema.
-
-    Example::
-
-        normalize_openbookqa_row({"id": "7-980", "question_stem": "The sun is responsible for",
-            "choices": {"text": ["a", "b", "c", "d"], "label": ["A", "B", "C", "D"]}, "answerKey": "D"})
-        # {'id': '7-980', 'question': 'The sun is responsible for', 'choices': [...], 'label': 3, ...}
-    """
-    return _hub_mc(row, "question_stem", f"allenai/openbookqa {split} row {index}")
-
-
-def normalize_arc_row(row: Mapping[str, Any], *, index: int = 0, split: str = "train") -> dict[str, Any]:
-    """Map an ``allenai/ai2_arc`` row (answer keys ``A``–``E`` or ``1``–``4``) to the uniform schema.
-
-    Example::
-
-        normalize_arc_row({"id": "x", "question": "q?", "choices": {"text": ["a", "b", "c"],
-                           "label": ["1", "2", "3"]}, "answerKey": "2"})["label"]   # 1
-    """
-    return _hub_mc(row, "question", f"allenai/ai2_arc {split} row {index}")
-
-
-def normalize_boolq_row(row: Mapping[str, Any], *, index: int = 0, split: str = "train") -> dict[str, Any]:
-    """Map a ``google/boolq`` row (``question``, ``answer`` bool, ``passage``) to the uniform schema.
-
-    The Hub rows have no id: it is ``boolq-<split>-<index>``.
-
-    Example::
-
-        normalize_boolq_row({"question": "is it", "answer": True, "passage": "It is."}, index=3)
-        # {'id': 'boolq-train-3', 'question': 'is it', 'passage': 'It is.', 'choices': ['no', 'yes'], 'label': 1}
-    """
-    where = f"google/boolq {split} row {index}"
-    ans = _require(row, "answer", where)
-    if not isinstance(ans, bool):
-        raise DataFormatError(f"{where}: hub field 'answer' must be true/false, got {ans!r}")
-    return {"id": f"boolq-{split}-{index}", "idx": index, "question": _require(row, "question", where),
-            "passage": _require(row, "passage", where), "choices": ["no", "yes"], "label": int(ans)}
-
-
-def normalize_winogrande_row(row: Mapping[str, Any], *, index: int = 0, split: str = "train") -> dict[str, Any]:
-    """Map an ``allenai/winogrande`` row (``sentence``, ``option1``, ``option2``, ``answer`` "1"/"2").
-
-    The Hub rows have no qID: the id is ``winogrande-<split>-<index>``. Unlabeled rows (``answer == ""``,
-    the official test split) are rejected.
-
-    Example::
-
-        normalize_winogrande_row({"sentence": "A beat B because _ was fast.", "option1": "A",
-                                  "option2": "B", "answer": "1"})["label"]   # 0
-    """
-    where = f"allenai/winogrande {split} row {index}"
-    o1, o2 = _require(row, "option1", where), _require(row, "option2", where)
-    ans = str(_require(row, "answer", where)).strip()
-    if ans not in ("1", "2"):
-        raise DataFormatError(f"{where}: answer {ans!r} is not '1' or '2' (WinoGrande's test split is "
-                              f"unlabeled; evaluate on 'validation' instead)")
-    return {"id": str(row.get("qID") or f"winogrande-{split}-{index}"), "sentence": _require(row, "sentence", where),
-            "choices": [o1, o2], "label": int(ans) - 1, "option1": o1, "option2": o2, "answer": ans}
-
-
-def normalize_mmlu_row(row: Mapping[str, Any], *, index: int = 0, split: str = "test") -> dict[str, Any]:
-    """Map a ``cais/mmlu`` row (``question``, ``subject``, ``choices``, ``answer`` 0–3 or ``A``–``D``).
-
-    Example::
-
-        normalize_mmlu_row({"question": "1+1?", "subject": "math", "choices": ["1", "2", "3", "4"],
-                            "answer": 1}, index=0, split="test")["id"]   # 'math-test-0'
-    """
-    where = f"cais/mmlu {split} row {index}"
-    ans = _require(row, "answer", where)
-    if isinstance(ans, str) and ans.strip().upper() in LETTERS[:4]:
-        ans = LETTERS.index(ans.strip().upper())
-    if isinstance(ans, bool) or not isinstance(ans, int):
-        raise DataFormatError(f"{where}: hub field 'answer' must be 0-3 or A-D, got {ans!r}")
-    subject = str(row.get("subject") or "mmlu")
-    return {"id": f"{subject}-{split}-{index}", "subject": subject, "question": _require(row, "question", where),
-            "choices": list(_require(row, "choices", where)), "label": ans, "answer_key": LETTERS[ans] if 0 <= ans < 4 else ""}
-
-
-#: family → hub row normalizer ``f(row, *, index, split) -> uniform row``.
-HUB_NORMALIZERS: dict[str, Callable[..., dict[str, Any]]] = {
-    "openbookqa": normalize_openbookqa_row,
-    "arc": normalize_arc_row,
-    "boolq": normalize_boolq_row,
-    "winogrande": normalize_winogrande_row,
-    "mmlu": normalize_mmlu_row,
-}
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -798,7 +463,7 @@ def load_task(name: str, split: str, *, data_dir: str | os.PathLike | None = Non
     :param seed: seed of the ``limit`` subset (the BoolQ train/test split always uses seed 0).
     :param hub: load from the Hugging Face Hub (network) instead of local files.
     :param fields: for your own data (``name`` a ``.jsonl``/``.csv`` path or a folder): your column names,
-        see :func:`scalabl_pyro.userdata.load_user_task`, which such a path is handed to.
+        see :func:`scalabl_pyro.harness.userdata.load_user_task`, which such a path is handed to.
     :raises UnknownDatasetError: unknown name (with close matches).
     :raises SplitNotFoundError: no file for ``split`` (lists the splits that exist).
     :raises DataFormatError: a malformed row (names file and 1-based line).

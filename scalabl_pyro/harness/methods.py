@@ -33,27 +33,28 @@ from typing import Callable, Sequence
 
 import pyro
 import torch
-import pyro.distributions as dist
-from pyro import poutine
-from pyro.infer.autoguide import AutoLaplaceApproximation, AutoMultivariateNormal
+from pyro.infer.autoguide import AutoLaplaceApproximation
 
-from . import distributed
-from ._utils import atomic_dir, atomic_write_json
-from .baselines.temperature import TemperatureScaled, fit_temperature
-from .config import ScalaBLConfig, TrainConfig
-from .guides import init_to_s0, laplace_posterior, make_guide
-from .io import RunExistsError, load_run, save_run
-from .model import LoRAModel, ScalaBL
-from .predictive import Prediction, predict
-from .priors import centered_prior, isotropic_normal
-from .scoring import AdaptedLM
-from .train import fit
-from .trunk import last_layers
+from .. import distributed
+from .._utils import atomic_dir, atomic_write_json
+from ..baselines.bayesadapt import fit_bayesadapt_recipe
+from ..baselines.blob import BLoB
+from ..baselines.laplace import laplace_guide
+from ..baselines.mcdropout import predict_mc_dropout
+from ..baselines.polar import PolarVBLL, polar_guide, polar_retract, retract_every
+from ..baselines.temperature import TemperatureScaled, fit_temperature
+from ..config import ScalaBLConfig, TrainConfig
+from ..guides import init_to_s0, make_guide
+from ..io import RunExistsError, load_run, save_run
+from ..model import LoRAModel, ScalaBL
+from ..predictive import Prediction, predict
+from ..priors import centered_prior, isotropic_normal
+from ..scoring import AdaptedLM
+from ..train import fit
+from ..trunk import last_layers
 
-__all__ = ["METHODS", "NO_CALLBACK", "BLoB", "Trained", "train_method", "save_trained", "load_trained", "validation_split",
-           "laplace_guide",
-           "lora_parameter_count",
-           "fit_bayesadapt_recipe"]
+__all__ = ["METHODS", "NO_CALLBACK", "Trained", "train_method", "train_polar_vbll", "save_trained", "load_trained",
+           "validation_split", "lora_parameter_count"]
 
 METHODS = ("mle", "map", "scalabl", "blob", "laplace", "mcdropout", "ensemble", "scalabl_bayesadapt", "temperature",
            "scalabl_last2")
@@ -64,26 +65,9 @@ NO_CALLBACK = ("ensemble", "scalabl_bayesadapt")
 PARTIAL_LAYERS = 2
 
 
-class BLoB(ScalaBL):
-    """BLoB as a Pyro model: latent ``<module>.A`` (event shape ``(r, in)``), ``B`` a learned projection.
-
-    :param net: an :class:`~scalabl_pyro.scoring.AdaptedLM` built with ``subspace="A"``.
-    :param prior: as :class:`~scalabl_pyro.model.ScalaBL`'s; the default is ``Normal(0, net.config.prior_scale)``
-        on every entry of ``A`` (BLoB's own).
-    """
-
-    default_prior_loc = "zero"
-
-    def __init__(self, net: AdaptedLM, *, prior=None, num_data=None, name: str = "blob", kl_weight: float = 1.0,
-                 layout: str = "modules"):
-        if net.subspace is None or net.subspace.latent != "A":
-            raise ValueError("BLoB needs an AdaptedLM built with subspace='A'")
-        super().__init__(net, prior=prior, num_data=num_data, name=name, kl_weight=kl_weight, layout=layout)
-
-
 def lora_parameter_count(net: AdaptedLM) -> int:
     """Parameters of plain LoRA on the same modules: sum of ``r*in + out*r``."""
-    from .layers import lora_layers
+    from ..layers import lora_layers
 
     return sum(m.lora_A["default"].weight.numel() + m.lora_B["default"].weight.numel()
                for m in lora_layers(net.peft_model).values())
@@ -108,7 +92,7 @@ class Trained:
                 progress: bool = False) -> Prediction:
         S = num_samples or self.num_samples
         if self.method == "mcdropout":
-            return _predict_mc_dropout(self.models[0].net, examples, S, batch_size)
+            return predict_mc_dropout(self.models[0].net, examples, num_samples=S, batch_size=batch_size)
         if self.method == "ensemble":
             preds = [predict(m, None, examples, batch_size=batch_size) for m in self.models]
             return Prediction(torch.cat([p.sample_probs for p in preds]), preds[0].labels, preds[0].ids)
@@ -132,129 +116,6 @@ def validation_split(examples: Sequence, *, fraction: float = 0.1, seed: int = 0
     k = min(n - 1, max(1, round(fraction * n)))
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     return [examples[i] for i in order[k:]], [examples[i] for i in order[:k]]
-
-
-def _predict_mc_dropout(net: AdaptedLM, examples, S: int, batch_size: int) -> Prediction:
-    chunks, labels, ids = [], [], []
-    net.peft_model.train()  # dropout on (the backbone has no dropout of its own in eval-equivalent configs)
-    try:
-        with torch.no_grad():
-            for i in range(0, len(examples), batch_size):
-                part = examples[i:i + batch_size]
-                batch = net.collate(part)
-                chunks.append(net.logits(batch, repeats=S).softmax(-1).float().cpu())
-                labels.append(batch["labels"])
-                ids.extend(str(getattr(ex, "id", "")) for ex in part)
-    finally:
-        net.peft_model.eval()
-    return Prediction(torch.cat(chunks, 1), torch.cat(labels), ids)
-
-
-def laplace_guide(model: ScalaBL, map_guide: AutoLaplaceApproximation, examples: Sequence, *,
-                  max_examples: int = 256, seed: int = 0, jitter: float = 1e-6) -> AutoMultivariateNormal:
-    """Laplace approximation of the ``s`` posterior around the MAP of ``map_guide``.
-
-    Precision = ``N/n * sum_i g_i g_i^T`` (Fisher with labels sampled from the MAP predictive;
-    ``g_i`` the gradient of ``log p(y_i | x_i, s)`` over the ``D`` latent coordinates, on ``n <= max_examples``
-    training examples) + the exact Hessian of ``-log prior``. Costs ``n`` backward passes instead of the
-    ``D`` that an exact Hessian (``map_guide.laplace_approximation``) needs.
-
-    :returns: an :class:`~pyro.infer.autoguide.AutoMultivariateNormal` holding the Laplace posterior.
-    """
-    n_all = len(examples)
-    gen = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(n_all, generator=gen)[:max_examples].tolist()
-    loc = map_guide.loc
-    D = loc.numel()
-    F = torch.zeros(D, D, dtype=torch.float64, device=loc.device)
-    for i in idx:
-        b = model.net.collate([examples[i]])
-        gtr = poutine.trace(map_guide).get_trace(b)
-        mtr = poutine.trace(poutine.replay(model, trace=gtr)).get_trace(b)
-        logits = mtr.nodes["obs"]["fn"].logits.reshape(-1)
-        probs = logits.detach().float().softmax(-1).cpu()
-        y = int(torch.multinomial(probs, 1, generator=gen)[0])  # a label from the MAP predictive
-        g = torch.autograd.grad(torch.log_softmax(logits, -1)[y], loc)[0].double()
-        F += torch.outer(g, g)
-    F *= n_all / len(idx)
-
-    def neg_log_prior(z):
-        vals = {s["name"]: v for s, v in map_guide._unpack_latent(z)}
-        total = 0.0
-        for site in model.latent_sites:
-            total = total - model.site_prior(site).log_prob(vals[site]).sum()
-        return total
-
-    with poutine.block():
-        Hp = torch.autograd.functional.hessian(neg_log_prior, loc.detach()).double()
-    H = F + Hp + jitter * torch.eye(D, dtype=torch.float64, device=F.device)
-    with torch.no_grad():
-        cov = torch.linalg.inv(H)
-        scale = cov.diagonal().sqrt()
-        corr = cov / scale[:, None] / scale[None, :]
-        scale_tril = torch.linalg.cholesky(corr)
-    return laplace_posterior(model, model.net.collate([examples[idx[0]]]), loc=loc, scale=scale.to(loc.dtype),
-                             scale_tril=scale_tril.to(loc.dtype))
-
-
-def fit_bayesadapt_recipe(model: ScalaBL, guide, examples: Sequence, *, config: TrainConfig,
-                          kl_lr: float = 0.2, gamma: float = 8.0, progress: bool = True) -> list[float]:
-    """Train like the official ScalaBL code (BayesAdapt's VI trainer), for comparison with the ELBO.
-
-    Per step: AdamW (``config.lr``, linear warmup/decay) on the mean NLL of a minibatch under one sample
-    ``s ~ q``; then SGD (``kl_lr``) on ``sum KL(p || q)`` scaled by BLoB's schedule
-    ``lin(step) * 2**i / (2**(M+1) - 1)``, ``i = step % M + 1``, ``M = int(100 * N**(pi/gamma) / batch_size)``.
-    Note the direction: KL(prior || posterior), not the ELBO's KL(q || p).
-    """
-    import math
-
-    from torch.distributions import kl_divergence
-
-    n = len(examples)
-    gen = torch.Generator().manual_seed(config.seed)
-    first = model.net.collate([examples[0]])
-    guide(first, first["labels"])  # create the guide's parameters
-    params = list(model.net.trainable_parameters()) + list(guide.parameters())
-    nll_opt = torch.optim.AdamW(params, lr=config.lr, eps=1e-6, weight_decay=0.0)
-    kl_opt = torch.optim.SGD(params, lr=kl_lr)
-    warm = int(config.steps * config.warmup)
-    M = max(1, int(100 * n ** (math.pi / gamma) / config.batch_size))
-
-    def lin(step):
-        if step < warm:
-            return step / max(1, warm)
-        return max(0.0, (config.steps - step) / max(1, config.steps - warm))
-
-    losses = []
-    it = range(config.steps)
-    if progress:
-        from tqdm.auto import tqdm
-
-        it = tqdm(it, desc="fit ScalaBL (BayesAdapt recipe)")
-    for step in it:
-        idx = torch.randint(0, n, (config.batch_size,), generator=gen).tolist()
-        batch = model.net.collate([examples[i] for i in idx])
-        for g in nll_opt.param_groups:
-            g["lr"] = config.lr * lin(step + 1)
-        gtr = poutine.trace(guide).get_trace(batch, batch["labels"])
-        mtr = poutine.trace(poutine.replay(model, trace=gtr)).get_trace(batch, batch["labels"])
-        nll = -mtr.nodes["obs"]["fn"].log_prob(mtr.nodes["obs"]["value"]).mean()
-        nll_opt.zero_grad()
-        nll.backward()
-        nll_opt.step()
-        kl = 0.0
-        for site in model.latent_sites:
-            loc, scale = guide._get_loc_and_scale(site)
-            p = model.site_prior(site)
-            kl = kl + kl_divergence(p, dist.Normal(loc, scale).to_event(1)).sum()
-        pi = 2 ** (step % M + 1) / (2 ** (M + 1) - 1)
-        for g in kl_opt.param_groups:
-            g["lr"] = kl_lr * lin(step) * pi
-        kl_opt.zero_grad()
-        kl.backward()
-        kl_opt.step()
-        losses.append(nll.item() + kl.item() / n)
-    return losses
 
 
 #: Priors that :func:`train_method` (and ``GridConfig.prior`` / ``--prior``) accept by name.
@@ -426,3 +287,33 @@ def load_trained(path, *, backbone_fn: Callable[[], tuple] | None = None, device
         guide = guide if k else g
     return Trained(info["method"], models, guide, info["num_samples"], info["losses"], info["fit_seconds"],
                    info["extra_params"], info["lora_params"], info.get("temperature"))
+
+
+def train_polar_vbll(backbone_fn: Callable[[], tuple], train_examples: Sequence, *, label_words,
+                     train_config: TrainConfig = TrainConfig(), num_samples: int = 10, progress: bool = True,
+                     config: ScalaBLConfig | None = None, prior_scale: float = 1.0, centered: bool = True,
+                     init_scale: float = 0.01, every: int = 1, method: str = "polar") -> Trained:
+    """Build and train PoLAR-VBLL (SVI + Stiefel retraction every ``every`` steps); method name ``"polar_vbll"``.
+
+    :param backbone_fn: returns a fresh ``(model, tokenizer)``.
+    :param config: default ``ScalaBLConfig(scoring="letter", target_modules=("q_proj", "v_proj"))``.
+
+    Example::
+
+        t = train_polar_vbll(lambda: load_backbone("smollm2"), train.examples, label_words=train.label_words,
+                             train_config=TrainConfig(steps=200))
+        t.predict(test.examples).metrics()
+    """
+    pyro.clear_param_store()
+    t0, (lm, tok) = time.perf_counter(), backbone_fn()
+    cfg = config or ScalaBLConfig(scoring="letter", target_modules=("q_proj", "v_proj"))
+    net = AdaptedLM(lm, tok, label_words=label_words, config=cfg, subspace=False, seed=train_config.seed)
+    model = PolarVBLL(net, prior_scale=prior_scale, num_data=len(train_examples), centered=centered,
+                      seed=train_config.seed)
+    guide = polar_guide(model, init_scale=init_scale)
+    res = fit(model, guide, train_examples, config=train_config, progress=progress,
+              callback=retract_every(model, every, method))
+    polar_retract(model, method)
+    lp = lora_parameter_count(net)
+    extra = sum(p.numel() for p in model.polar.parameters()) + sum(p.numel() for p in guide.parameters()) - lp
+    return Trained("polar_vbll", [model], guide, num_samples, res.losses, time.perf_counter() - t0, extra, lp)

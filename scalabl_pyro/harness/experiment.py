@@ -23,15 +23,15 @@ import torch
 
 from safetensors.torch import load_file, save_file
 
-from ._utils import atomic_path, atomic_write_json, atomic_write_text
-from .backbones import load_backbone, resolve_device, tiny_llama
-from .config import ScalaBLConfig, TrainConfig, _JsonConfig
-from .convergence import HeldoutCurve
+from .._utils import atomic_path, atomic_write_json, atomic_write_text
+from ..backbones import load_backbone, resolve_device, tiny_llama
+from ..config import ScalaBLConfig, TrainConfig, _JsonConfig
+from ..convergence import HeldoutCurve
 from .data import TaskData, load_task
-from .harness.paired import paired_differences
-from .harness.report import write_report_section
+from .paired import paired_differences
+from .report import write_report_section
 from .methods import METHODS, NO_CALLBACK, PRIORS, resolve_prior, train_method
-from .metrics import (ece_accuracy_plot, format_table, heldout_curves_plot, ood_auroc, reliability_diagram,
+from ..metrics import (ece_accuracy_plot, format_table, heldout_curves_plot, ood_auroc, reliability_diagram,
                       reliability_panels)
 from .tasks import country_task
 
@@ -60,8 +60,8 @@ DEMO_CURVE_EVERY = 2.0
 
 
 def resolve_task(name: str, split: str, *, data_dir=None, limit: int | None = None, seed: int = 0) -> TaskData:
-    """``countries`` / ``countries_shifted`` (embedded), any :func:`~scalabl_pyro.data.load_task` name, or a path to
-    your own ``.jsonl``/``.csv`` file or folder of split files (:func:`~scalabl_pyro.userdata.load_user_task`)."""
+    """``countries`` / ``countries_shifted`` (embedded), any :func:`~scalabl_pyro.harness.data.load_task` name, or a path to
+    your own ``.jsonl``/``.csv`` file or folder of split files (:func:`~scalabl_pyro.harness.userdata.load_user_task`)."""
     if name in ("countries", "countries_shifted"):
         task = country_task(split, seed=0, shifted=name == "countries_shifted")
         return task.subset(limit, seed=seed) if limit else task
@@ -479,12 +479,12 @@ def compare_guides(out_dir, *, guides: Sequence[str] = ("normal", "diagonal", "l
     ELBO is the mean per-example loss over the last 10% of steps (negative ELBO / N; for ``delta`` a MAP
     objective, not an ELBO). Writes ``guides.json``, ``guides.md`` and a posterior-scale plot per guide.
     """
-    from .guides import make_guide
-    from .model import ScalaBL
-    from .posterior import plot_posterior_scales, posterior_scales
-    from .predictive import predict
-    from .scoring import AdaptedLM
-    from .train import fit
+    from ..guides import make_guide
+    from ..model import ScalaBL
+    from ..posterior import plot_posterior_scales, posterior_scales
+    from ..predictive import predict
+    from ..scoring import AdaptedLM
+    from ..train import fit
 
     import pyro
 
@@ -538,7 +538,7 @@ def demo(out_dir, *, grid: GridConfig | None = None, progress: bool = True, over
     grid = grid or demo_grid()
     out_dir = Path(out_dir)
     if (out_dir / "results.md").exists() and not overwrite:
-        from .io import RunExistsError
+        from ..io import RunExistsError
 
         raise RunExistsError(f"{out_dir} already holds results; pass --overwrite or choose another --out")
     if overwrite and out_dir.exists():

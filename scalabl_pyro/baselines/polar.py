@@ -25,8 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-import time
-from typing import Callable, Sequence
+from typing import Callable
 
 import pyro
 import pyro.distributions as dist
@@ -36,16 +35,13 @@ from pyro.infer.autoguide import AutoNormal
 from pyro.infer.autoguide.initialization import init_to_median, init_to_value
 from torch import nn
 
-from .config import ScalaBLConfig, TrainConfig
-from .guides import name_after_model
-from .layers import lora_layers
-from .methods import Trained, lora_parameter_count
-from .model import LoRAModel, _in_shape_pass, register_adapters
-from .scoring import AdaptedLM
-from .train import fit
+from ..guides import name_after_model
+from ..layers import lora_layers
+from ..model import LoRAModel, _in_shape_pass, register_adapters
+from ..scoring import AdaptedLM
 
 __all__ = ["PolarLayer", "PolarVBLL", "make_polar", "stiefel_retract", "polar_retract", "retract_every",
-           "orthogonality_error", "polar_guide", "train_polar_vbll", "HEAD_SITE"]
+           "orthogonality_error", "polar_guide", "HEAD_SITE"]
 
 HEAD_SITE = "head.W"
 
@@ -258,33 +254,3 @@ def polar_guide(model: PolarVBLL, *, init_scale: float = 0.01) -> AutoNormal:
     guide = AutoNormal(model, init_loc_fn=init_to_value(values=model.init_values(), fallback=init_to_median),
                        init_scale=init_scale)
     return name_after_model(guide, model)
-
-
-def train_polar_vbll(backbone_fn: Callable[[], tuple], train_examples: Sequence, *, label_words,
-                     train_config: TrainConfig = TrainConfig(), num_samples: int = 10, progress: bool = True,
-                     config: ScalaBLConfig | None = None, prior_scale: float = 1.0, centered: bool = True,
-                     init_scale: float = 0.01, every: int = 1, method: str = "polar") -> Trained:
-    """Build and train PoLAR-VBLL (SVI + Stiefel retraction every ``every`` steps); method name ``"polar_vbll"``.
-
-    :param backbone_fn: returns a fresh ``(model, tokenizer)``.
-    :param config: default ``ScalaBLConfig(scoring="letter", target_modules=("q_proj", "v_proj"))``.
-
-    Example::
-
-        t = train_polar_vbll(lambda: load_backbone("smollm2"), train.examples, label_words=train.label_words,
-                             train_config=TrainConfig(steps=200))
-        t.predict(test.examples).metrics()
-    """
-    pyro.clear_param_store()
-    t0, (lm, tok) = time.perf_counter(), backbone_fn()
-    cfg = config or ScalaBLConfig(scoring="letter", target_modules=("q_proj", "v_proj"))
-    net = AdaptedLM(lm, tok, label_words=label_words, config=cfg, subspace=False, seed=train_config.seed)
-    model = PolarVBLL(net, prior_scale=prior_scale, num_data=len(train_examples), centered=centered,
-                      seed=train_config.seed)
-    guide = polar_guide(model, init_scale=init_scale)
-    res = fit(model, guide, train_examples, config=train_config, progress=progress,
-              callback=retract_every(model, every, method))
-    polar_retract(model, method)
-    lp = lora_parameter_count(net)
-    extra = sum(p.numel() for p in model.polar.parameters()) + sum(p.numel() for p in guide.parameters()) - lp
-    return Trained("polar_vbll", [model], guide, num_samples, res.losses, time.perf_counter() - t0, extra, lp)
