@@ -345,6 +345,18 @@ def test_polar_vbll_round_trips(tmp_path):
     for k, v in model.polar.state_dict().items():
         assert torch.equal(model2.polar.state_dict()[k], v), k
     _assert_same_predictions(model, guide, model2, guide2, synthetic_examples(5))
+    # a run saved before PoLAR moved into scalabl_pyro.baselines names its old module: it still loads
+    assert info["model"]["module"] == "scalabl_pyro.baselines.polar"
+    run = json.loads((path / "run.json").read_text())
+    run["model"]["module"] = "scalabl_pyro.polar"
+    (path / "run.json").write_text(json.dumps(run))
+    model3, guide3, _ = load_run(path, backbone=tiny_llama(), name="polar_old")
+    assert type(model3) is type(model)
+    _assert_same_predictions(model, guide, model3, guide3, synthetic_examples(5))
+    run["model"]["module"] = "somewhere.else"
+    (path / "run.json").write_text(json.dumps(run))
+    with pytest.raises(ValueError, match="outside scalabl_pyro"):
+        load_run(path, backbone=tiny_llama())
 
 
 # ------------------------------------------------------------------ export_peft loads with peft's own loaders
