@@ -28,7 +28,7 @@ def test_demo_and_overwrite(tmp_path, capsys):
 
 
 def test_demo_defaults_to_its_own_budget_and_prior(monkeypatch):
-    import scalabl_pyro.harness.experiment as experiment
+    import scalabl_pyro.harness.demo as experiment
 
     seen = {}
     monkeypatch.setattr(experiment, "demo", lambda out, *, grid, **kw: seen.setdefault("grid", grid) and "table")
@@ -235,11 +235,12 @@ def test_benchmark_letter_scoring_from_config_with_normalize(tmp_path, capsys):
 
 @pytest.mark.parametrize("verb", ["benchmark", "compare-guides"])
 def test_normalize_reaches_the_grid(verb, monkeypatch, tmp_path):
+    import scalabl_pyro.harness.demo as demo
     import scalabl_pyro.harness.experiment as experiment
 
     seen = {}
     monkeypatch.setattr(experiment, "run_grid", lambda grid, out, **kw: seen.setdefault("grid", grid) and [])
-    monkeypatch.setattr(experiment, "compare_guides",
+    monkeypatch.setattr(demo, "compare_guides",
                         lambda out, *, grid, **kw: seen.setdefault("grid", grid) and [{"guide": "normal"}])
     assert main([verb, "--out", str(tmp_path / "x"), "--normalize", "tokens", "--quiet"]) == 0
     assert seen["grid"].normalize == "tokens" and seen["grid"].model_config().normalize == "tokens"

@@ -3,8 +3,10 @@ import json
 
 import pytest
 
+from scalabl_pyro.harness import demo as demo_mod
 from scalabl_pyro.harness import experiment
-from scalabl_pyro.harness.experiment import GridConfig, demo, load_results, run_dir, run_grid, summarize
+from scalabl_pyro.harness.demo import demo
+from scalabl_pyro.harness.experiment import GridConfig, load_results, run_dir, run_grid, summarize
 from scalabl_pyro.harness.report import report_sections
 
 
@@ -177,9 +179,9 @@ def test_label_words_must_agree():
 
 def test_compare_guides_honours_the_grid_prior(tmp_path, monkeypatch):
     seen = []
-    real = experiment.resolve_prior
-    monkeypatch.setattr(experiment, "resolve_prior", lambda p, net: seen.append(p) or real(p, net))
-    rows = experiment.compare_guides(tmp_path, guides=("normal", "delta"), grid=tiny_grid(prior="s0"), progress=False)
+    real = demo_mod.resolve_prior
+    monkeypatch.setattr(demo_mod, "resolve_prior", lambda p, net: seen.append(p) or real(p, net))
+    rows = demo_mod.compare_guides(tmp_path, guides=("normal", "delta"), grid=tiny_grid(prior="s0"), progress=False)
     assert seen == ["s0", "s0"]
     assert [r["guide"] for r in rows] == ["normal", "delta"]
     assert rows[0]["guide_params"] == 2 * 8 * 5 and rows[1]["guide_params"] == 8 * 5  # r=8, 5 sites: loc+scale / loc
@@ -293,4 +295,4 @@ def test_demo_plots_heldout_curves(tmp_path):
     grid = tiny_grid(steps=4, curve_every=1.0, curve_limit=4)
     demo(tmp_path, grid=grid, progress=False)
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
-    assert experiment.demo_grid().curve_every == experiment.DEMO_CURVE_EVERY
+    assert demo_mod.demo_grid().curve_every == demo_mod.DEMO_CURVE_EVERY

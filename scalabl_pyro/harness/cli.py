@@ -159,7 +159,7 @@ def _check_label_words(task, run_words, scoring: str, dataset: str) -> None:
 
 # ------------------------------------------------------------------------------------------- commands
 def cmd_demo(args) -> int:
-    from .experiment import demo, demo_grid
+    from .demo import demo, demo_grid
     from .methods import PRIORS
 
     _check_normalize(args, args.scoring or "choice", args.normalize)
@@ -208,7 +208,8 @@ def cmd_benchmark(args) -> int:
 
 
 def cmd_compare_guides(args) -> int:
-    from .experiment import GridConfig, compare_guides
+    from .demo import compare_guides
+    from .experiment import GridConfig
     from ..guides import GUIDES
     from ..metrics import format_table
 
