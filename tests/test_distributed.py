@@ -31,13 +31,14 @@ CFG = TrainConfig(steps=4, batch_size=4, lr=5e-2, guide_lr=5e-2, clip_norm=0.05,
 
 def _build(fsdp: bool = False, variant: str = "choice"):
     """``"choice"``: per-module sites, choice scoring; ``"partial"``: letter scoring, the vectorized layout and only
-    the last layer (and lm_head) stochastic, so the shared trunk calls the layers one by one."""
+    the last layer (and lm_head) stochastic, so the shared trunk calls the layers one by one; ``"bf16"``: as
+    ``"choice"``, computing with bfloat16 copies of the FSDP-gathered weights."""
     pyro.clear_param_store()
     pyro.set_rng_seed(3)
-    net = _make_net("choice" if variant == "choice" else "letter")
-    if fsdp:
-        distributed.shard_model(net)
-    opts = {} if variant == "choice" else {"stochastic": last_layers(net, 1), "layout": "vectorized"}
+    net = _make_net("letter" if variant == "partial" else "choice")
+    if fsdp:  # "bf16": the gathered weights in bfloat16 (FSDP's MixedPrecisionPolicy)
+        distributed.shard_model(net, param_dtype=torch.bfloat16 if variant == "bf16" else None)
+    opts = {"stochastic": last_layers(net, 1), "layout": "vectorized"} if variant == "partial" else {}
     model = ScalaBL(net, **opts)
     return model, default_guide(model)
 
@@ -122,6 +123,7 @@ def _reference(steps: int, variant: str = "choice"):
         states.append(torch.get_rng_state())
     gen = torch.Generator().manual_seed(CFG.seed)
     order, pos, m = torch.randperm(N, generator=gen), 0, CFG.batch_size // WORLD
+    losses = []  # what fit reports: the ranks' mean loss per example
     with pyro.validation_enabled(False):
         for _ in range(steps):
             if pos + CFG.batch_size > N:
@@ -132,11 +134,13 @@ def _reference(steps: int, variant: str = "choice"):
                 torch.set_rng_state(states[k])
                 batch = model.net.collate([examples[i] for i in idx[k * m:(k + 1) * m]])
                 with poutine.trace(param_only=True) as tr:
-                    _, surrogate = elbo_loss(elbo, model, guide, batch, batch["labels"], num_data=N)
+                    loss, surrogate = elbo_loss(elbo, model, guide, batch, batch["labels"], num_data=N)
                 (surrogate / WORLD).backward()
                 states[k] = torch.get_rng_state()
+                step_loss = (0.0 if k == 0 else step_loss) + float(loss) / WORLD / N
+            losses.append(step_loss)
             optim.step(tr.trace)
-    return _values(model), _median_logits(model, guide, examples[:4])
+    return _values(model), _median_logits(model, guide, examples[:4]), losses
 
 
 @pytest.mark.parametrize("fsdp, variant", [(False, "choice"), (True, "choice"), (True, "partial")],
@@ -150,7 +154,8 @@ def test_two_processes_take_the_steps_of_one_with_the_same_draws(tmp_path, fsdp,
     if fsdp:  # each rank holds its half of the layers' tensors (rows split in 2 contiguous chunks)
         local, whole = zip(*(r["numel"] for r in ranks))
         assert sum(local) == whole[0] and max(local) - min(local) <= whole[0] // 10
-    want, want_logits = _reference(CFG.steps, variant)
+    want, want_logits, want_losses = _reference(CFG.steps, variant)
+    assert ranks[0]["losses"] == pytest.approx(want_losses, rel=1e-5)
     for r in ranks:  # every rank ends with the parameters of the one-process computation
         assert r["values"].keys() == want.keys()
         for k in want:
@@ -183,7 +188,7 @@ def test_a_failing_rank_ends_the_job_with_a_clear_error_and_the_job_resumes(tmp_
     assert last is not None and last.name == "step-00000001"
     assert not [p for p in (tmp_path / "ckpt").iterdir() if not p.name.startswith("step-")]
     ranks = _run(tmp_path, ckpt_dir=str(tmp_path / "ckpt"), fsdp=fsdp)  # launched again: each resumes its draws
-    want, _ = _reference(CFG.steps)
+    want, _, _ = _reference(CFG.steps)
     for r in ranks:
         assert "error" not in r, r.get("tb")
         for k in want:
@@ -254,3 +259,16 @@ def test_cli_fsdp_needs_torchrun(tmp_path, capsys):
 
     assert main(["train", "--backbone", "tiny", "--fsdp", "--out", str(tmp_path / "r"), "--quiet"]) == 2
     assert "launch with torchrun" in capsys.readouterr().err
+
+
+def test_fsdp_in_bfloat16_follows_the_float32_steps(tmp_path):
+    """shard_model(param_dtype=torch.bfloat16): the same steps as the float32 reference up to bfloat16 rounding."""
+    ranks = _run(tmp_path, fsdp=True, variant="bf16")
+    for r in ranks:
+        assert "error" not in r, r.get("tb")
+    want, want_logits, want_losses = _reference(CFG.steps)
+    assert ranks[0]["losses"] == pytest.approx(want_losses, rel=2e-2)
+    assert ranks[0]["losses"] != pytest.approx(want_losses, rel=1e-6)  # it did compute in bfloat16
+    # (parameters are not compared: Adam's first steps move each entry by about lr whatever the gradient's size,
+    # so bfloat16 noise in near-zero gradients flips single entries; the model's outputs stay close)
+    torch.testing.assert_close(ranks[0]["logits"], want_logits, rtol=5e-2, atol=5e-2)
