@@ -46,7 +46,7 @@ from ._utils import atomic_dir
 from .config import TrainConfig
 
 __all__ = ["Checkpoint", "CheckpointMismatchError", "load_checkpoint", "save_checkpoint", "latest_checkpoint",
-           "resolve_every", "fingerprint", "check_compatible", "restore_params", "rng_state", "set_rng_state"]
+           "resolve_every", "fingerprint", "check_compatible", "restore_params", "rng_state", "set_rng_state", "snapshot"]
 
 FORMAT = 1
 META, PARAMS, STATE = "meta.json", "params.safetensors", "state.pt"
