@@ -10,7 +10,7 @@
   :data:`RANDOM_CONFIGS`: Llama-3.2-1B, Llama-2-7B, Qwen2.5-1.5B, Qwen2.5-7B shapes, package data files) for
   speed and memory benchmarks of large backbones offline.
 * ``load_backbone(..., quantization="4bit"|"8bit")``: bitsandbytes NF4 / int8 weights (QLoRA-style; the adapters
-  and ``s`` stay in float32), on a CUDA GPU only.
+  and ``s`` stay in float32), on a CUDA GPU or, with bitsandbytes >= 0.49, on the CPU.
 
 Any other name fails fast when it cannot load: a name that is neither a local path nor a hub id
 ``owner/name`` (nor in the local Hugging Face cache) is refused at once, and a hub id is looked up in the
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["load_backbone", "check_quantization", "resolve_device", "tiny_llama", "random_llm", "char_tokenizer", "smollm2_gguf_path",
+__all__ = ["load_backbone", "check_quantization", "keep_quantized_differentiable", "resolve_device", "tiny_llama", "random_llm", "char_tokenizer", "smollm2_gguf_path",
            "DEFAULT_BACKBONE", "RANDOM_CONFIGS", "QUANTIZATIONS"]
 
 DEFAULT_BACKBONE = "smollm2"
@@ -36,6 +36,8 @@ _ALIASES = {"smollm2", "smollm2-135m", "smollm2-135m-instruct"}
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # owner/name, as the hub spells repo ids
 #: ``load_backbone(quantization=...)``: bitsandbytes 4-bit NF4 or 8-bit weights
 QUANTIZATIONS = ("4bit", "8bit")
+#: the first bitsandbytes release whose 4-bit and 8-bit layers also run on the CPU
+BNB_CPU_VERSION = (0, 49)
 _CONFIG_DIR = Path(__file__).parent / "configs"
 #: names of the random-weight shapes of :func:`random_llm` (``scalabl_pyro/configs/<name>.json``)
 RANDOM_CONFIGS = tuple(sorted(p.stem for p in _CONFIG_DIR.glob("*.json")))
@@ -102,9 +104,45 @@ def _load_smollm2(dtype: torch.dtype, **kwargs):
 
 
 def check_quantization(quantization: str, name: str, device: str | torch.device | None = None) -> None:
-    """Raise the error :func:`load_backbone` would raise for ``quantization`` of ``name`` on ``device`` (no CUDA
-    GPU, no bitsandbytes, a backbone built in memory, an unknown kind), before anything is loaded."""
+    """Raise the error :func:`load_backbone` would raise for ``quantization`` of ``name`` on ``device`` (no
+    bitsandbytes, one too old for the CPU, a backbone built in memory, an unknown kind), before anything loads."""
     _quantization_kwargs(quantization, name, resolve_device(device) if device is not None else None)
+
+
+def keep_quantized_differentiable(model: torch.nn.Module) -> int:
+    """Keep the bitsandbytes 4-bit layers of a frozen ``model`` passing gradients to their inputs on the CPU.
+
+    bitsandbytes (0.50) repacks a 4-bit layer's weights for fast CPU inference the first time the layer runs in eval
+    mode on an input that needs no gradient (any evaluation), and the repacked layer passes no gradient back to its
+    input from then on: every adapter below it silently stops training. :class:`~scalabl_pyro.scoring.AdaptedLM`
+    keeps its backbone in eval mode (dropout off) and evaluates between training steps (held-out curves), so it
+    calls this: the repacking is turned off (``support_avx512bf16_for_cpu = False``) and weights already repacked
+    are unpacked again.
+
+    :returns: the number of 4-bit layers it set.
+    """
+    n = 0
+    for module in model.modules():
+        if not hasattr(module, "support_avx512bf16_for_cpu"):
+            continue
+        module.support_avx512bf16_for_cpu = False
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if getattr(state, "packing_format_for_cpu", False):
+            from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
+
+            module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(module.weight.data,
+                                                                                                  state)
+        n += 1
+    return n
+
+
+def _bnb_version() -> tuple[int, ...] | None:
+    """The installed bitsandbytes version as numbers, ``None`` when it is not installed."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return None
+    from importlib.metadata import version
+
+    return tuple(int(x) for x in re.findall(r"\d+", version("bitsandbytes"))[:3])
 
 
 def _quantization_kwargs(quantization: str, name: str, dev: torch.device | None) -> dict:
@@ -114,20 +152,27 @@ def _quantization_kwargs(quantization: str, name: str, dev: torch.device | None)
     if name.lower() == "tiny" or name.lower().startswith("random:"):
         raise ValueError(f"quantization={quantization!r} quantizes pretrained weights; {name!r} is built in memory. "
                          "Use a hub id, a local folder or 'smollm2'")
-    if not torch.cuda.is_available() or (dev is not None and dev.type != "cuda"):
-        raise ValueError(f"quantization={quantization!r} uses bitsandbytes kernels, which need a CUDA GPU "
-                         f"(this process sees {'none' if not torch.cuda.is_available() else dev}); on CPU load full "
-                         "weights (dtype=torch.float32, or torch.bfloat16 to halve the memory)")
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise ModuleNotFoundError(f"quantization={quantization!r} needs the package 'bitsandbytes': "
-                                  "pip install bitsandbytes")
+    if dev is None:
+        dev = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    if dev.type not in ("cuda", "cpu"):
+        raise ValueError(f"quantization={quantization!r} runs bitsandbytes weights on a CUDA GPU or the CPU, not on "
+                         f"{dev}; load full weights there (dtype=torch.bfloat16 halves them)")
+    found = _bnb_version()
+    if found is None:
+        raise ModuleNotFoundError(f"quantization={quantization!r} needs the package 'bitsandbytes': pip install "
+                                  "'scalabl_pyro[quant]' (or pip install bitsandbytes)")
+    if dev.type == "cpu" and found < BNB_CPU_VERSION:
+        raise ValueError(f"quantization={quantization!r} on the CPU needs bitsandbytes >= "
+                         f"{'.'.join(map(str, BNB_CPU_VERSION))} (installed: {'.'.join(map(str, found))}): pip install "
+                         "-U bitsandbytes; or load full weights (dtype=torch.bfloat16 halves them)")
     from transformers import BitsAndBytesConfig
 
     cfg = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
                               bnb_4bit_use_double_quant=True) if quantization == "4bit"
            else BitsAndBytesConfig(load_in_8bit=True))
-    index = dev.index if dev is not None and dev.index is not None else 0
-    return {"quantization_config": cfg, "device_map": {"": index}}
+    if dev.type == "cpu":
+        return {"quantization_config": cfg, "device_map": {"": "cpu"}}
+    return {"quantization_config": cfg, "device_map": {"": dev.index if dev.index is not None else 0}}
 
 
 def random_llm(shape: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device | None = None,
@@ -182,9 +227,10 @@ def load_backbone(name_or_path: str = DEFAULT_BACKBONE, *, dtype: torch.dtype = 
         id such as ``"meta-llama/Llama-3.1-8B"``, or a local directory saved with ``save_pretrained``.
     :param dtype: parameter dtype of the backbone.
     :param device: move the model there (``"auto"``: CUDA if available); default: where it loads (CPU).
-    :param quantization: ``"4bit"`` (NF4, bfloat16 compute) or ``"8bit"``: bitsandbytes weights on the CUDA GPU
-        (``device``, default ``cuda:0``), for hub ids, local folders and ``"smollm2"``; the LoRA adapters and
-        ``s`` stay in float32. Needs a CUDA GPU and ``pip install bitsandbytes`` (a clear error otherwise).
+    :param quantization: ``"4bit"`` (NF4, bfloat16 compute) or ``"8bit"``: bitsandbytes weights on ``device``
+        (default ``cuda:0`` where a GPU is, else the CPU), for hub ids, local folders and ``"smollm2"``; the LoRA
+        adapters and ``s`` stay in float32. Needs ``pip install bitsandbytes`` (``scalabl_pyro[quant]``;
+        >= 0.49 on the CPU), a clear error otherwise.
     :param kwargs: passed to ``AutoModelForCausalLM.from_pretrained`` (e.g. ``device_map``).
     :returns: ``(model, tokenizer)``; the tokenizer pads on the left and has a pad token.
     :raises OSError: within seconds, naming the allowed names, when ``name_or_path`` is none of them, or is

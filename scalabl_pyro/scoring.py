@@ -24,6 +24,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
+from .backbones import keep_quantized_differentiable
 from .config import ScalaBLConfig
 from .layers import Subspace, add_lora
 from .trunk import decoder_layers, expand_at, module_depths
@@ -77,6 +78,7 @@ class AdaptedLM:
         self.num_classes = len(label_words)
         backbone.requires_grad_(False)
         backbone.eval()
+        keep_quantized_differentiable(backbone)  # bitsandbytes 4-bit on the CPU: gradients survive evaluations
         if config.scoring == "letter":
             ids = [_single_token(tokenizer, w) for w in self.label_words]
             if len(set(ids)) != len(ids):
