@@ -32,10 +32,12 @@ CFG = TrainConfig(steps=4, batch_size=4, lr=5e-2, guide_lr=5e-2, clip_norm=0.05,
 def _build(fsdp: bool = False, variant: str = "choice"):
     """``"choice"``: per-module sites, choice scoring; ``"partial"``: letter scoring, the vectorized layout and only
     the last layer (and lm_head) stochastic, so the shared trunk calls the layers one by one; ``"bf16"``: as
-    ``"choice"``, computing with bfloat16 copies of the FSDP-gathered weights."""
+    ``"choice"``, computing with bfloat16 copies of the FSDP-gathered weights; ``"checkpointed"``: as ``"choice"``
+    with activation checkpointing (each layer recomputed in the backward, gathered again by FSDP)."""
     pyro.clear_param_store()
     pyro.set_rng_seed(3)
-    net = _make_net("letter" if variant == "partial" else "choice")
+    ckpt = {"gradient_checkpointing": True, "prefix_cache": False} if variant == "checkpointed" else {}
+    net = _make_net("letter" if variant == "partial" else "choice", **ckpt)
     if fsdp:  # "bf16": the gathered weights in bfloat16 (FSDP's MixedPrecisionPolicy)
         distributed.shard_model(net, param_dtype=torch.bfloat16 if variant == "bf16" else None)
     opts = {"stochastic": last_layers(net, 1), "layout": "vectorized"} if variant == "partial" else {}
@@ -143,8 +145,8 @@ def _reference(steps: int, variant: str = "choice"):
     return _values(model), _median_logits(model, guide, examples[:4]), losses
 
 
-@pytest.mark.parametrize("fsdp, variant", [(False, "choice"), (True, "choice"), (True, "partial")],
-                         ids=["whole", "fsdp", "fsdp-partial"])
+@pytest.mark.parametrize("fsdp, variant", [(False, "choice"), (True, "choice"), (True, "partial"), (True, "checkpointed")],
+                         ids=["whole", "fsdp", "fsdp-partial", "fsdp-checkpointed"])
 def test_two_processes_take_the_steps_of_one_with_the_same_draws(tmp_path, fsdp, variant):
     ranks = _run(tmp_path, ckpt_dir=str(tmp_path / "ckpt"), fsdp=fsdp, variant=variant)
     for r in ranks:
