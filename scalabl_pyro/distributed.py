@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["init_from_env", "world_size", "rank", "is_main", "active", "all_reduce_mean_", "shard", "RankFailedError",
-           "shard_model", "is_sharded", "full_tensor"]
+           "shard_model", "sharded", "is_sharded", "full_tensor", "shard_like"]
 
 
 class RankFailedError(RuntimeError):

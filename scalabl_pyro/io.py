@@ -84,10 +84,10 @@ def save_run(path: str | os.PathLike, model, guide=None, *, train_config: TrainC
     :param train_config: how the run was trained (recorded so that it can be reproduced or resumed).
     :param backbone: name or path to reload the backbone with :func:`~scalabl_pyro.backbones.load_backbone`.
     :param overwrite: replace an existing run (otherwise :class:`RunExistsError`).
+    :raises ValueError: for a guide or model class this package cannot rebuild.
 
     A net sharded by :func:`~scalabl_pyro.distributed.shard_model` is saved whole: every rank calls ``save_run``
     (the shards are gathered) and rank 0 writes.
-    :raises ValueError: for a guide or model class this package cannot rebuild.
 
     Example::
 
