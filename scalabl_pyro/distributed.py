@@ -174,9 +174,10 @@ def shard_like(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def sharded(model_or_net) -> bool:
-    """True when :func:`shard_model` has sharded this :class:`~scalabl_pyro.scoring.AdaptedLM` (or a model's net)."""
+    """True when some adapter of this :class:`~scalabl_pyro.scoring.AdaptedLM` (or a model's net) is sharded over the
+    ranks (:func:`shard_model`, or ``fully_shard`` applied by hand)."""
     net = getattr(model_or_net, "net", model_or_net)
-    return bool(getattr(net, "fsdp", False))
+    return any(is_sharded(p) for p in net.trainable_parameters())
 
 
 def shard_model(net, *, reshard_after_forward: bool = True, param_dtype: torch.dtype | None = None):
@@ -238,5 +239,4 @@ def shard_model(net, *, reshard_after_forward: bool = True, param_dtype: torch.d
     if net.subspace is not None:  # s0 follows the adapters to the device
         for site in net.subspace.sites.values():
             site.s0 = site.s0.to(device)
-    net.fsdp = True
     return net

@@ -112,7 +112,6 @@ class AdaptedLM:
             self._enable_checkpointing(hf)
         self.forward_calls = 0  # backbone (decoder) calls
         self.forward_rows = 0  # sequences through the decoder
-        self.fsdp = False  # set by distributed.shard_model: the decoder layers are sharded over the ranks
 
     def _enable_checkpointing(self, hf) -> None:
         """Transformers' activation checkpointing (non-reentrant) of every decoder layer, with the ``s`` values of

@@ -132,6 +132,7 @@ def _reference(steps: int, variant: str = "choice"):
                 order, pos = torch.randperm(N, generator=gen), 0
             idx = order[pos:pos + CFG.batch_size].tolist()
             pos += CFG.batch_size
+            step_loss = 0.0
             for k in range(WORLD):
                 torch.set_rng_state(states[k])
                 batch = model.net.collate([examples[i] for i in idx[k * m:(k + 1) * m]])
@@ -139,7 +140,7 @@ def _reference(steps: int, variant: str = "choice"):
                     loss, surrogate = elbo_loss(elbo, model, guide, batch, batch["labels"], num_data=N)
                 (surrogate / WORLD).backward()
                 states[k] = torch.get_rng_state()
-                step_loss = (0.0 if k == 0 else step_loss) + float(loss) / WORLD / N
+                step_loss += float(loss) / WORLD / N
             losses.append(step_loss)
             optim.step(tr.trace)
     return _values(model), _median_logits(model, guide, examples[:4]), losses

@@ -398,8 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue the unfinished run checkpointed in <out>/checkpoint (give the same options)")
     p.add_argument("--quantize", choices=("4bit", "8bit"), default=None,
-                   help="load the backbone's weights in 4-bit NF4 or 8-bit (bitsandbytes, QLoRA-style; needs a CUDA "
-                        "GPU); the adapters and s stay float32, and evaluate reloads the run the same way")
+                   help="load the backbone's weights in 4-bit NF4 or 8-bit (bitsandbytes, QLoRA-style; a CUDA GPU, or the "
+                        "CPU with bitsandbytes >= 0.49); the adapters and s stay float32, and evaluate reloads the run "
+                        "the same way")
     p.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard the backbone's decoder layers over the processes (FSDP2) instead "
                         "of a whole copy on each")
