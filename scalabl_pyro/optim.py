@@ -28,6 +28,7 @@ Example::
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Mapping
 
 import torch
@@ -43,7 +44,8 @@ from pyro.util import warn_if_nan
 from . import distributed
 from .config import TrainConfig
 
-__all__ = ["DeviceTrace_ELBO", "FusedAdamW", "FusedPyroOptim", "elbo_loss", "autonormal_elbo_loss", "autonormal_path_applies", "clip_per_tensor_"]
+__all__ = ["DeviceTrace_ELBO", "FusedAdamW", "FusedPyroOptim", "elbo_loss", "autonormal_elbo_loss", "autonormal_path_applies", "clip_per_tensor_",
+           "lr_lambda"]
 
 #: ``FusedAdamW.get_state()["format"]``; any other dict is read as Pyro's per-parameter ``PyroOptim`` state.
 STATE_FORMAT = "fused-adamw-1"
@@ -77,13 +79,39 @@ def _clip_sharded_(grads: list[torch.Tensor], max_norm: float) -> None:
     torch._foreach_mul_(local, [c.to(t.dtype) for c, t in zip(coef.unbind(), local)])
 
 
+def lr_lambda(config: TrainConfig) -> Callable[[int], float]:
+    """Learning-rate multiplier per step: linear warmup over ``warmup * steps``, then ``schedule``.
+
+    Also importable as ``scalabl_pyro.train.lr_lambda``.
+
+    Example::
+
+        f = lr_lambda(TrainConfig(steps=100, warmup=0.1, schedule="cosine"))
+        f(0), f(9), f(100)  # 0.1, 1.0, 0.0
+    """
+    warm = max(1, int(round(config.warmup * config.steps))) if config.warmup > 0 else 0
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if config.schedule == "constant":
+            return 1.0
+        t = min(1.0, (step - warm) / max(1, config.steps - warm))
+        return 0.5 * (1 + math.cos(math.pi * t)) if config.schedule == "cosine" else 1.0 - t
+
+    return f
+
+
+_lr_lambda = lr_lambda  # FusedAdamW's argument of the same name shadows it
+
+
 class FusedAdamW:
     """One fused AdamW, one LR schedule and one clipping pass over all trainable tensors of a Pyro program.
 
     Parameters are picked up from the ``param_only`` trace of each step (as ``SVI.step`` does), so autoguides
     may create theirs lazily; names starting with ``model_prefix + "$$$"`` (registered by ``pyro.module``)
     form the LoRA group. :meth:`step` clips (``config.clip_norm``, per tensor), updates, sets the gradients to
-    ``None`` and advances the schedule (:func:`~scalabl_pyro.train.lr_lambda`).
+    ``None`` and advances the schedule (:func:`lr_lambda`).
 
     :param config: ``lr``, ``guide_lr``, ``weight_decay``, ``clip_norm`` and the schedule.
     :param model_prefix: the model's ``name``.
@@ -91,11 +119,9 @@ class FusedAdamW:
 
     def __init__(self, config: TrainConfig, *, model_prefix: str = "scalabl",
                  lr_lambda: Callable[[int], float] | None = None):
-        from .train import lr_lambda as default_lambda
-
         self.config = config
         self.prefix = model_prefix + "$$$"
-        self.lr_lambda = lr_lambda or default_lambda(config)
+        self.lr_lambda = lr_lambda or _lr_lambda(config)
         self.names: list[str] = []  # in optimizer order: group 0 (LoRA), group 1 (guide/prior), group 2 (FSDP-sharded LoRA)
         self._group_names: tuple[list[str], ...] = ([], [], [])
         self.params: list[torch.Tensor] = []

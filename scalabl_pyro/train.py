@@ -26,7 +26,8 @@ from . import distributed
 from .config import TrainConfig
 from .convergence import check_convergence, posterior_summary
 from .guides import check_fresh_guide
-from .optim import DeviceTrace_ELBO, FusedAdamW, FusedPyroOptim, autonormal_elbo_loss, autonormal_path_applies, elbo_loss
+from .optim import (DeviceTrace_ELBO, FusedAdamW, FusedPyroOptim, autonormal_elbo_loss, autonormal_path_applies, elbo_loss,
+                    lr_lambda)
 
 __all__ = ["make_optimizer", "make_elbo", "lr_lambda", "fit", "FitResult", "empty_guide"]
 
@@ -36,21 +37,6 @@ logger = logging.getLogger(__name__)
 def empty_guide(*args, **kwargs):
     """Guide of a model without latent sites: SVI with it is maximum likelihood (or MAP with weight decay)."""
     return None
-
-
-def lr_lambda(config: TrainConfig) -> Callable[[int], float]:
-    """Learning-rate multiplier per step: linear warmup over ``warmup * steps``, then ``schedule``."""
-    warm = max(1, int(round(config.warmup * config.steps))) if config.warmup > 0 else 0
-
-    def f(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        if config.schedule == "constant":
-            return 1.0
-        t = min(1.0, (step - warm) / max(1, config.steps - warm))
-        return 0.5 * (1 + math.cos(math.pi * t)) if config.schedule == "cosine" else 1.0 - t
-
-    return f
 
 
 def make_optimizer(config: TrainConfig, *, model_prefix: str = "scalabl", fused: bool = False):

@@ -14,6 +14,6 @@ Example::
     t = train_method("scalabl", lambda: load_backbone("smollm2"), train.examples, label_words=train.label_words)
 """
 from .paired import paired_differences
-from .report import report_sections, write_report_section
+from .report import grid_section_key, report_sections, write_grid_section, write_report_section
 
-__all__ = ["paired_differences", "report_sections", "write_report_section"]
+__all__ = ["paired_differences", "grid_section_key", "report_sections", "write_grid_section", "write_report_section"]

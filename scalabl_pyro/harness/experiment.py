@@ -30,7 +30,7 @@ from ..config import ScalaBLConfig, TrainConfig, _JsonConfig
 from ..convergence import HeldoutCurve
 from .data import TaskData, load_task
 from .paired import paired_differences
-from .report import write_report_section
+from .report import write_grid_section
 from .methods import METHODS, NO_CALLBACK, PRIORS, train_method
 from ..metrics import ece_accuracy_plot, format_table, ood_auroc, reliability_diagram
 from .tasks import country_task
@@ -82,7 +82,7 @@ class GridConfig(_JsonConfig):
         batch_size)``, :meth:`TrainConfig.from_epochs`), so data sets of different sizes train equally long; it
         replaces ``steps``, which must then stay at its default. ``None``: ``steps`` for every data set.
     :param title: heading of the grid's section in a ``--report`` file (default: its budget); a report holds
-        one section per output folder (:func:`~scalabl_pyro.harness.report.write_report_section`).
+        one section per output folder (:func:`~scalabl_pyro.harness.report.write_grid_section`).
     :param curve_every: record a held-out curve during training: every this many epochs (rounded to whole
         steps) evaluate the run on the first ``curve_limit`` questions of its in-distribution test split
         (:class:`~scalabl_pyro.convergence.HeldoutCurve`: forked RNG, dropout off, so the run's numbers are the
@@ -295,6 +295,15 @@ def report_header(grid: GridConfig, results: Sequence[dict]) -> str:
     ])
 
 
+def _shown(path) -> str:
+    """A path as the report's command shows it: relative to the working directory when inside it."""
+    try:
+        rel = os.path.relpath(os.path.abspath(path))
+    except ValueError:  # another drive (Windows)
+        rel = ".."
+    return Path(os.path.abspath(path) if rel.startswith("..") else rel).as_posix()
+
+
 def _write_tables(out_dir: Path, results: list[dict], grid: GridConfig | None = None,
                   report: str | os.PathLike | None = None) -> list[dict]:
     rows = summarize(results)
@@ -307,8 +316,9 @@ def _write_tables(out_dir: Path, results: list[dict], grid: GridConfig | None = 
                   "questions (`*`: the interval excludes 0; lower is better for ECE, NLL and Brier):\n\n"
                   + format_table(pairs, columns=["train", "eval", "pair", "seeds", "n", *METRIC_KEYS]) + "\n")
     if report is not None and grid is not None:
-        cmd = f"scalabl-pyro benchmark --config {out_dir / 'grid.json'} --out {out_dir} --report {report}"
-        write_report_section(report, out_dir.as_posix(), f"## {grid.title or 'Grid: ' + grid.budget()}\n\n"
+        cmd = (f"scalabl-pyro benchmark --config {_shown(out_dir / 'grid.json')} --out {_shown(out_dir)} "
+               f"--report {_shown(report)}")
+        write_grid_section(report, out_dir, f"## {grid.title or 'Grid: ' + grid.budget()}\n\n"
                              f"{report_header(grid, results)}\n\nRegenerate (resumes; finished runs are skipped):"
                              f"\n\n```\n{cmd}\n```\n\n{table}")
     if not rows:
