@@ -57,6 +57,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchkit  # noqa: E402
 import step_time  # noqa: E402  (bench/step_time.py: build_lora, build_scalabl, table)
 
 #: Ops that make the host wait for the device. ``_local_scalar_dense`` is what ``.item()``, ``float(t)``,
@@ -220,7 +221,7 @@ def run_variant(name: str, args, examples) -> tuple[dict, dict]:
     pyro.set_rng_seed(args.seed)
     cfg = ScalaBLConfig(scoring=args.scoring, r=args.r)
     lm, tok = tiny_llama(num_layers=args.layers)
-    lm = lm.to(step_time._DEVICE)
+    lm = lm.to(benchkit.DEVICE)
     n, steps, counter, extra = len(examples), 1 + args.steps, OpCounter(args.where), {}
     first = [examples[i] for i in batch_indices(n, args.batch_size, 1, args.seed)[0]]
     layout = "vectorized" if name.startswith("vectorized") else "modules"
@@ -295,7 +296,7 @@ def main(argv=None) -> int:
     ap.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    step_time._DEVICE = torch.device(args.device)
+    benchkit.DEVICE = torch.device(args.device)
     import pyro
 
     from scalabl_pyro import country_task

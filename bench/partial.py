@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import step_time  # noqa: E402
-from step_time import cpu_snapshot, foreign_cpu, load, make_mc_examples, sync, table  # noqa: E402
+import benchkit  # noqa: E402
+from benchkit import cpu_snapshot, foreign_cpu, load, make_mc_examples, sync, table  # noqa: E402
 
 
 def build(args, scoring: str):
@@ -112,7 +112,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     from scalabl_pyro.backbones import resolve_device
 
-    step_time._DEVICE = resolve_device(args.device)  # load() and sync() read it
+    benchkit.DEVICE = resolve_device(args.device)  # load() and sync() read it
     import pyro
 
     from scalabl_pyro._utils import atomic_write_json
@@ -120,7 +120,7 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     S, results = args.num_samples, {}
     print(f"# partial: backbone={args.backbone} B={args.batch_size} S={S} last {args.layers} layers + lm_head "
-          f"stochastic; device={step_time._DEVICE} threads={torch.get_num_threads()} torch={torch.__version__} "
+          f"stochastic; device={benchkit.DEVICE} threads={torch.get_num_threads()} torch={torch.__version__} "
           f"pyro={pyro.__version__}")
     for scoring in args.scoring.split(","):
         entries = build(args, scoring)

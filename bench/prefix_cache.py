@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_time import cpu_snapshot, foreign_cpu, load, make_passage_examples, peak_growth_kb, table  # noqa: E402,E501
+from benchkit import cpu_snapshot, foreign_cpu, load, make_passage_examples, peak_growth_kb, table  # noqa: E402,E501
 
 
 def _seconds(fn) -> float:

@@ -52,234 +52,18 @@ import gc
 import json
 import math
 import os
-import random
-import resource
 import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-LETTERS = ("A", "B", "C", "D")
+import benchkit  # noqa: E402  (bench/benchkit.py)
+from benchkit import (cpu_snapshot, foreign_cpu, load, make_mc_examples,  # noqa: E402
+                      maxrss_kb, median_ms, reset_peak, status_kb, sync, table)
+
 _MARK = "@@BENCH_JSON@@"
-
-# ------------------------------------------------------------------------------------ synthetic data
-_SUBJECTS = [
-    "a metal spoon", "a glass of cold water", "an ice cube", "a copper wire", "a young bean plant",
-    "a rubber ball", "a wooden block", "a bar magnet", "a colony of honeybees", "a small pond",
-    "a sealed plastic bottle", "a piece of dark cloth", "a lump of clay", "a steel nail", "a candle",
-    "a sample of sand", "a balloon filled with air", "a potted tomato plant", "a shallow tray of salt water",
-]
-_CONDITIONS = [
-    "is left in direct sunlight on a windowsill for several hours",
-    "is placed in a freezer overnight and then taken out",
-    "is carried from sea level to the top of a tall mountain",
-    "is heated slowly over a small flame during a class demonstration",
-    "is kept in a dark closet for two weeks without being moved",
-    "is exposed to moist air outdoors for a whole month",
-    "is dropped from the same height onto a hard concrete floor",
-    "is placed next to a running electric fan in a warm room",
-]
-_QUESTIONS = [
-    "A student notices that {subj} {cond}. Which of the following best explains what the student most "
-    "likely observes at the end of the experiment?",
-    "During a science fair project, {subj} {cond}. Which statement describes the most likely result, and "
-    "why does it happen?",
-    "In a laboratory activity, {subj} {cond}, and the class records what happens. Which of these "
-    "conclusions is best supported by the observations?",
-    "A teacher explains that {subj} {cond}. Which change would a careful observer expect to measure first?",
-]
-_CHOICES = [
-    "its temperature rises because energy is transferred from the warmer surroundings",
-    "its mass decreases because some of the water evaporates into the air",
-    "it changes state from a solid to a liquid as heat is absorbed",
-    "it becomes smaller because the particles move closer together",
-    "it rusts because iron reacts with oxygen and water",
-    "it grows toward the light because of a response called phototropism",
-    "nothing changes because no energy is transferred",
-    "its volume increases because the gas particles spread farther apart",
-    "it loses its magnetism because the domains become disordered",
-    "the pressure inside drops because the outside air pressure is lower",
-    "it bounces less because some energy is converted into heat and sound",
-    "salt crystals form because the water evaporates and leaves the salt behind",
-]
-_PASSAGE = [
-    "The river rises in the northern highlands and flows for roughly four hundred kilometres before it "
-    "reaches the sea.",
-    "Its lower valley was settled by farming communities long before the first written records appeared.",
-    "In the nineteenth century a canal was dug to connect the river with the industrial towns to the east.",
-    "The canal carried coal and grain for several decades but fell out of use after the railway opened.",
-    "Today most of the old towpath is a public footpath, and parts of the canal have been restored.",
-    "The estuary is an important feeding ground for migrating birds, especially in late autumn.",
-    "A series of dams built in the twentieth century now regulates the flow and supplies drinking water.",
-    "Floods were common before the dams were built, and the largest on record destroyed two bridges.",
-    "The upper course is fast and rocky, while the lower course meanders across a wide, flat plain.",
-    "Several species of salmon still migrate upstream to spawn in the gravel beds of the tributaries.",
-    "The region's climate is mild and wet, with most of the rain falling between October and March.",
-    "Local legends claim that a sunken village lies beneath the largest of the reservoirs.",
-]
-_BOOL_Q = [
-    "Does the river flow into the sea", "Is the canal still used to carry coal",
-    "Were floods common before the dams were built", "Do salmon still migrate up the river",
-    "Is the upper course of the river slow and flat", "Does most of the rain fall in summer",
-]
-_SHORT = ["yes", "no", "only in winter", "not any more", "the railway", "two bridges", "the estuary",
-          "salmon", "in autumn", "the dams"]
-
-
-def _example_cls():
-    try:
-        from scalabl_pyro.harness.data import Example  # noqa: WPS433
-        return Example
-    except Exception:  # pragma: no cover - fallback if the data module is absent/broken
-        from dataclasses import dataclass
-
-        @dataclass(frozen=True)
-        class Example:  # same fields as scalabl_pyro.harness.data.Example
-            id: str
-            label: int
-            choices: tuple
-            prompt: str
-            context: str
-            continuations: tuple
-
-        return Example
-
-
-def _letter_prompt(question: str, choices) -> str:
-    lines = [f"Question: {question.strip()}", "Choices:"]
-    lines += [f"{w}) {c.strip()}" for w, c in zip(LETTERS, choices)]
-    lines.append("Answer:")
-    return "\n".join(lines)
-
-
-def make_mc_examples(n: int, seed: int = 0) -> list:
-    """ARC-like letter-format items: a question and 4 choices (~60-120 SmolLM2 tokens per prompt)."""
-    Example = _example_cls()
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        q = rng.choice(_QUESTIONS).format(subj=rng.choice(_SUBJECTS), cond=rng.choice(_CONDITIONS))
-        choices = tuple(rng.sample(_CHOICES, 4))
-        out.append(Example(id=f"synth-mc-{i}", label=rng.randrange(4), choices=choices,
-                           prompt=_letter_prompt(q, choices), context=f"Question: {q}\nAnswer:",
-                           continuations=tuple(" " + c for c in choices)))
-    return out
-
-
-def make_passage_examples(n: int, seed: int = 0, *, sentences: tuple[int, int] = (5, 8)) -> list:
-    """BoolQ-like items: a passage (~100-200 tokens) + question as context, 4 short choices (1-3 tokens)."""
-    Example = _example_cls()
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        passage = " ".join(rng.sample(_PASSAGE, rng.randint(*sentences)))
-        q = rng.choice(_BOOL_Q) + "?"
-        choices = tuple(rng.sample(_SHORT, 4))
-        ctx = f"{passage}\nQuestion: {q}\nAnswer:"
-        out.append(Example(id=f"synth-passage-{i}", label=rng.randrange(4), choices=choices,
-                           prompt=_letter_prompt(f"{passage} {q}", choices), context=ctx,
-                           continuations=tuple(" " + c for c in choices)))
-    return out
-
-
-# ------------------------------------------------------------------------------------------ helpers
-_DEVICE = torch.device("cpu")
-
-
-def load(backbone: str):
-    """``(model, tokenizer)`` on ``--device``: ``"tiny"`` is :func:`tiny_llama`, ``"random:<shape>"`` is built
-    on the device directly, else ``load_backbone``."""
-    from scalabl_pyro.backbones import load_backbone, tiny_llama
-
-    if backbone.startswith("random:"):
-        return load_backbone(backbone, device=_DEVICE)
-    lm, tok = tiny_llama() if backbone == "tiny" else load_backbone(backbone)
-    return lm.to(_DEVICE), tok
-
-
-def sync() -> None:
-    """Wait for queued GPU work, so that wall-clock timers measure it (a no-op on CPU)."""
-    if _DEVICE.type == "cuda":
-        torch.cuda.synchronize(_DEVICE)
-
-
-def median_ms(xs) -> float:
-    return 1e3 * statistics.median(xs)
-
-
-def table(headers, rows) -> str:
-    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
-    w = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    line = lambda r: "| " + " | ".join(c.ljust(w[i]) for i, c in enumerate(r)) + " |"  # noqa: E731
-    return "\n".join([line(cells[0]), "|" + "|".join("-" * (x + 2) for x in w) + "|"] + [line(r) for r in cells[1:]])
-
-
-def _status_kb(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _maxrss_kb() -> int:
-    v = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return v // 1024 if sys.platform == "darwin" else v  # bytes on macOS, KiB on Linux
-
-
-def cpu_snapshot() -> tuple[float, float, float]:
-    """``(wall s, busy CPU-seconds of the whole machine, CPU-seconds of this process)``."""
-    busy = float("nan")
-    try:
-        f = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-        busy = (sum(f[:3]) + sum(f[5:8])) / os.sysconf("SC_CLK_TCK")  # user nice system irq softirq steal
-    except (OSError, ValueError, IndexError):
-        pass
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    return time.perf_counter(), busy, ru.ru_utime + ru.ru_stime
-
-
-def foreign_cpu(a, b) -> float:
-    """Mean number of CPUs kept busy by *other* processes between two :func:`cpu_snapshot` calls."""
-    wall = b[0] - a[0]
-    return max(0.0, ((b[1] - a[1]) - (b[2] - a[2])) / wall) if wall > 0 else float("nan")
-
-
-def _malloc_trim() -> None:
-    """Give freed heap memory back to the OS (glibc), so that RSS is a fair baseline."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def peak_growth_kb(fn) -> tuple[object, int | None]:
-    """Run ``fn()``; return its result and the RSS peak during it minus the RSS before (KiB; None if unknown)."""
-    gc.collect()
-    _malloc_trim()
-    before = _status_kb("VmRSS")
-    ok = _reset_peak()
-    out = fn()
-    peak = _status_kb("VmHWM") if ok else None
-    return out, (None if peak is None or before is None else peak - before)
-
-
-def _reset_peak() -> bool:
-    """Reset the RSS high-water mark (VmHWM) of this process; False where the kernel does not allow it."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        hwm, rss = _status_kb("VmHWM"), _status_kb("VmRSS")
-        return hwm is not None and rss is not None and hwm <= rss + 4096
-    except OSError:
-        return False
 
 
 # ------------------------------------------------------------------------------------------ variants
@@ -293,7 +77,7 @@ def build_lora(lm, tok, config):
     opt = torch.optim.AdamW(params, lr=1e-3, fused=True)
 
     def step(batch):
-        loss = torch.nn.functional.cross_entropy(net.logits(batch)[0], batch["labels"].to(_DEVICE))
+        loss = torch.nn.functional.cross_entropy(net.logits(batch)[0], batch["labels"].to(benchkit.DEVICE))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -404,24 +188,24 @@ def run_variant(args) -> dict:
         step = (lambda b: (svi_step(b), sched_step())) if args.variant == "scalabl_svi" else torch_step
     batch = net.collate(examples)
     gc.collect()
-    if _DEVICE.type == "cuda":  # GPU memory: torch's allocator peak over the steps
+    if benchkit.DEVICE.type == "cuda":  # GPU memory: torch's allocator peak over the steps
         sync()
-        after_load = torch.cuda.memory_allocated(_DEVICE) // 1024
-        torch.cuda.reset_peak_memory_stats(_DEVICE)
+        after_load = torch.cuda.memory_allocated(benchkit.DEVICE) // 1024
+        torch.cuda.reset_peak_memory_stats(benchkit.DEVICE)
         for _ in range(args.mem_steps):
             step(batch)
         sync()
-        peak = torch.cuda.max_memory_allocated(_DEVICE) // 1024
+        peak = torch.cuda.max_memory_allocated(benchkit.DEVICE) // 1024
         return {"variant": args.variant, "rss_after_load_kb": after_load, "peak_kb": peak,
-                "peak_method": "torch.cuda.max_memory_allocated (reset after load)", "ru_maxrss_kb": _maxrss_kb(),
+                "peak_method": "torch.cuda.max_memory_allocated (reset after load)", "ru_maxrss_kb": maxrss_kb(),
                 "growth_kb": peak - after_load, "steps": args.mem_steps}
-    rss_after_load = _status_kb("VmRSS")
-    lifetime_peak_before = _maxrss_kb()
-    reset_ok = _reset_peak()
+    rss_after_load = status_kb("VmRSS")
+    lifetime_peak_before = maxrss_kb()
+    reset_ok = reset_peak()
     for _ in range(args.mem_steps):
         step(batch)
-    hwm = _status_kb("VmHWM") if reset_ok else None
-    lifetime_peak = _maxrss_kb()
+    hwm = status_kb("VmHWM") if reset_ok else None
+    lifetime_peak = maxrss_kb()
     peak = hwm if reset_ok else lifetime_peak
     return {"variant": args.variant, "rss_after_load_kb": rss_after_load, "peak_kb": peak,
             "peak_method": "VmHWM reset after load" if reset_ok else "ru_maxrss (lifetime peak)",
@@ -434,7 +218,7 @@ def measure_memory(args) -> dict:
     for variant in VARIANTS:
         cmd = [sys.executable, os.path.abspath(__file__), "--variant", variant, "--backbone", args.backbone,
                "--batch-size", str(args.batch_size), "--seed", str(args.seed), "--num-data", str(args.num_data),
-               "--mem-steps", str(args.mem_steps), "--device", str(_DEVICE)]
+               "--mem-steps", str(args.mem_steps), "--device", str(benchkit.DEVICE)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(_MARK)]
         if proc.returncode != 0 or not lines:
@@ -486,13 +270,13 @@ def _stub_logits(net):
     def logits(batch, *, s=None, prefix_cache=None):
         B, C = batch["labels"].shape[0], net.num_classes
         P = 1 if s is None else next(iter(s.values())).reshape(-1, net.config.r).shape[0]
-        acc = torch.zeros(P, device=_DEVICE)
+        acc = torch.zeros(P, device=benchkit.DEVICE)
         for site, A, Bm in layers:
             a = A.weight.sum(-1)  # (r,)
             if s is not None:
                 a = a * s[site].reshape(-1, a.shape[-1])  # (P, r)
             acc = acc + (Bm.weight.sum(0) * a).sum(-1)
-        return (1e-3 * acc).reshape(P, 1, 1) * torch.arange(C, dtype=torch.float32, device=_DEVICE).expand(P, B, C)
+        return (1e-3 * acc).reshape(P, 1, 1) * torch.arange(C, dtype=torch.float32, device=benchkit.DEVICE).expand(P, B, C)
 
     return logits
 
@@ -595,10 +379,9 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu", help='"cpu" (default), "cuda" or "auto"')
     ap.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    global _DEVICE
     from scalabl_pyro.backbones import resolve_device
 
-    _DEVICE = resolve_device(args.device)
+    benchkit.DEVICE = resolve_device(args.device)
 
     if args.variant:  # child process of the memory measurement
         print(_MARK + json.dumps(run_variant(args)), flush=True)
@@ -647,8 +430,8 @@ def main(argv=None) -> int:
 
     print(f"# step_time: backbone={args.backbone}  batch={args.batch_size}  prompt tokens "
           f"min/median/max={int(ntok.min())}/{int(ntok.median())}/{int(ntok.max())} (padded to {batch['input_ids'].shape[1]})"
-          f"  threads={torch.get_num_threads()}  torch={torch.__version__}  pyro={pyro.__version__}  device={_DEVICE}"
-          + (f" ({torch.cuda.get_device_name(_DEVICE)})" if _DEVICE.type == "cuda" else ""))
+          f"  threads={torch.get_num_threads()}  torch={torch.__version__}  pyro={pyro.__version__}  device={benchkit.DEVICE}"
+          + (f" ({torch.cuda.get_device_name(benchkit.DEVICE)})" if benchkit.DEVICE.type == "cuda" else ""))
     print(f"# build (5 backbone loads + adapters) {load_s:.1f} s; timing {args.repeats} steps/variant after "
           f"{args.warmup} warmup, interleaved with rotating order", flush=True)
 
@@ -733,7 +516,7 @@ def main(argv=None) -> int:
         mem = measure_memory(args)
         phases["memory"] = time.perf_counter() - t0
         mb = lambda kb: f"{kb / 1024:.0f}"  # noqa: E731
-        kind = "GPU allocated" if _DEVICE.type == "cuda" else "RSS"
+        kind = "GPU allocated" if benchkit.DEVICE.type == "cuda" else "RSS"
         print(f"\n## Peak memory ({kind}, MiB; one fresh process per variant)\n")
         print(table(["variant", "RSS after load", "peak during steps", "growth", "lifetime ru_maxrss"], [
             (v, mb(m["rss_after_load_kb"]), mb(m["peak_kb"]), mb(m["growth_kb"]), mb(m["ru_maxrss_kb"]))
@@ -742,7 +525,7 @@ def main(argv=None) -> int:
               f"({args.mem_steps} steps incl. the first, which allocates the optimizer state)")
         lo = mem["lora"]
         for v in VARIANTS[1:]:
-            ratios[f"peak_{'gpu' if _DEVICE.type == 'cuda' else 'rss'} {v}/lora"] = mem[v]["peak_kb"] / lo["peak_kb"]
+            ratios[f"peak_{'gpu' if benchkit.DEVICE.type == 'cuda' else 'rss'} {v}/lora"] = mem[v]["peak_kb"] / lo["peak_kb"]
             ratios[f"rss_growth {v}/lora"] = mem[v]["growth_kb"] / max(1, lo["growth_kb"])
 
     ratios["est. scalabl_svi/lora"] = 1 + (ovh_med["scalabl_svi"] + ovh_med["scheduler"] - ovh_med["lora"]) / min(
