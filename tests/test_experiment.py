@@ -296,3 +296,66 @@ def test_demo_plots_heldout_curves(tmp_path):
     demo(tmp_path, grid=grid, progress=False)
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert demo_mod.demo_grid().curve_every == demo_mod.DEMO_CURVE_EVERY
+
+
+class _Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("method", ["scalabl", "ensemble"])
+def test_killed_run_resumes_from_its_checkpoint_with_the_same_numbers(tmp_path, monkeypatch, method):
+    """A grid cell killed mid-training resumes from its checkpoint (the ensemble: inside its first member) and
+    ends with the numbers of an uninterrupted run; the checkpoint folder is gone once the result is written."""
+    from scalabl_pyro.harness import methods
+
+    grid = tiny_grid(methods=(method,), steps=6, ood={})
+    ref = experiment.run_one(grid, method, "countries", 0, tmp_path / "ref", progress=False)
+    assert ref["resumed_from"] is None and not (tmp_path / "ref" / ".checkpoints").exists()
+
+    real_fit = methods.fit
+
+    def dying_fit(*args, **kwargs):
+        def callback(step, loss):
+            if step == 4:
+                raise _Killed
+        return real_fit(*args, callback=callback, **kwargs)
+
+    monkeypatch.setattr(methods, "fit", dying_fit)
+    with pytest.raises(_Killed):
+        experiment.run_one(grid, method, "countries", 0, tmp_path / "run", progress=False)
+    ck = experiment.checkpoint_dir(tmp_path / "run", "countries", method, 0)
+    assert sorted(p.name for p in ck.rglob("step-*")) == ["step-00000004"]  # one per step (6 steps // 10 -> 1)
+    assert not (run_dir(tmp_path / "run", "countries", method, 0) / "result.json").exists()
+    monkeypatch.setattr(methods, "fit", real_fit)
+    res = experiment.run_one(grid, method, "countries", 0, tmp_path / "run", progress=False)
+    assert res["resumed_from"] == [4]
+    assert res["steps"] == ref["steps"] == 6
+    for k, v in ref["metrics"]["countries"].items():
+        assert res["metrics"]["countries"][k] == (pytest.approx(v, abs=1e-6) if isinstance(v, float) else v), k
+    assert res["final_loss"] == pytest.approx(ref["final_loss"], abs=1e-6)
+    assert not (tmp_path / "run" / ".checkpoints").exists()
+
+
+def test_stale_checkpoint_is_named_and_overwrite_discards_it(tmp_path, monkeypatch):
+    """A checkpoint left by the same cell under another budget is refused, naming the folder and the fixes."""
+    from scalabl_pyro.harness import methods
+
+    real_fit = methods.fit
+
+    def dying_fit(*args, **kwargs):
+        return real_fit(*args, callback=lambda step, loss: (_ for _ in ()).throw(_Killed) if step == 1 else None,
+                        **kwargs)
+
+    monkeypatch.setattr(methods, "fit", dying_fit)
+    with pytest.raises(_Killed):
+        experiment.run_one(tiny_grid(methods=("mle",), steps=2, ood={}), "mle", "countries", 0, tmp_path,
+                           progress=False)
+    monkeypatch.setattr(methods, "fit", real_fit)
+    ck = experiment.checkpoint_dir(tmp_path, "countries", "mle", 0)
+    assert ck.is_dir()
+    grid = tiny_grid(methods=("mle",), steps=3, ood={})
+    with pytest.raises(experiment.CheckpointMismatchError,
+                       match=r"countries.mle.seed0: its checkpoint in .*steps.*delete that folder.*--overwrite"):
+        experiment.run_one(grid, "mle", "countries", 0, tmp_path, progress=False)
+    res = experiment.run_one(grid, "mle", "countries", 0, tmp_path, progress=False, overwrite=True)
+    assert res["resumed_from"] is None and res["steps"] == 3 and not ck.exists()

@@ -14,6 +14,7 @@ import io as _io
 import json
 import os
 import platform
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from safetensors.torch import save_file
 
 from .._utils import atomic_path, atomic_write_json, atomic_write_text
 from ..backbones import load_backbone, resolve_device, tiny_llama
+from ..checkpoint import CheckpointMismatchError
 from ..config import ScalaBLConfig, TrainConfig, _JsonConfig
 from ..convergence import HeldoutCurve
 from .data import TaskData, load_task
@@ -36,7 +38,8 @@ from ..metrics import ece_accuracy_plot, format_table, ood_auroc, reliability_di
 from .tasks import country_task
 
 __all__ = ["GridConfig", "resolve_task", "run_dir", "run_one", "run_grid", "report_grid", "summarize",
-           "GridMismatchError", "check_finished", "RUN_SETTINGS", "METRIC_KEYS", "DEMO_METHODS", "load_results", "backbone_factory"]
+           "GridMismatchError", "check_finished", "checkpoint_dir", "NO_CHECKPOINT", "RUN_SETTINGS", "METRIC_KEYS",
+           "DEMO_METHODS", "load_results", "backbone_factory"]
 
 METRIC_KEYS = ("acc", "ece", "nll", "brier")
 #: The methods of a grid by default (and of the demo): plain LoRA and ScalaBL.
@@ -184,16 +187,35 @@ def run_dir(out_dir, dataset: str, method: str, seed: int) -> Path:
     return Path(out_dir) / f"{dataset}.{method}.seed{seed}"
 
 
+def checkpoint_dir(out_dir, dataset: str, method: str, seed: int) -> Path:
+    """``<out_dir>/.checkpoints/<dataset>.<method>.seed<k>``: where an unfinished run's training checkpoints."""
+    return Path(out_dir) / ".checkpoints" / run_dir(out_dir, dataset, method, seed).name
+
+
+#: Methods whose training does not checkpoint (their own loop): a killed run of these starts again.
+NO_CHECKPOINT = ("scalabl_bayesadapt",)
+
+
 def run_one(grid: GridConfig, method: str, dataset: str, seed: int, out_dir, *, progress: bool = True,
             overwrite: bool = False, device: str | None = None) -> dict:
     """Train ``method`` on ``dataset``'s train split and evaluate it; write ``result.json`` atomically.
 
+    Training checkpoints every tenth of its steps into :func:`checkpoint_dir` (deleted once ``result.json`` is
+    written), so a killed run resumes where its last checkpoint stood and ends with the same numbers
+    (:func:`~scalabl_pyro.train.fit`'s checkpoints restore the random state). Not for :data:`NO_CHECKPOINT`
+    methods, nor with held-out curves (``curve_every``: the points before a resume would be lost), which train
+    from the start again. The result records ``resumed_from`` (the checkpoint steps, or ``None``).
+
+    :param overwrite: train again even if the run finished (or has a checkpoint: it is discarded).
     :param device: where to run (``"auto"``: CUDA if available; default CPU); recorded in ``hardware``.
     """
     folder = run_dir(out_dir, dataset, method, seed)
     result_path = folder / "result.json"
     if result_path.exists() and not overwrite:
         return json.loads(result_path.read_text())
+    ckpt_dir = checkpoint_dir(out_dir, dataset, method, seed)
+    if overwrite:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
     train = resolve_task(dataset, "train", data_dir=grid.data_dir, limit=grid.train_limit, seed=seed)
     evals = {dataset: resolve_task(dataset, "test", data_dir=grid.data_dir, limit=grid.test_limit, seed=0)}
     for name in grid.ood.get(dataset, []):
@@ -202,20 +224,24 @@ def run_one(grid: GridConfig, method: str, dataset: str, seed: int, out_dir, *, 
     torch.manual_seed(seed)
     tc = grid.train_config(seed=seed, num_examples=len(train))
     curves: list[HeldoutCurve] = []
-    make_callback = None
-    if grid.curve_every is not None and method not in NO_CALLBACK:
-        curve_set = list(evals[dataset].examples[:grid.curve_limit])
+    curve_set = list(evals[dataset].examples[:grid.curve_limit])
 
-        def make_callback(model, guide):
-            n_fit = model.num_data or len(train)  # ``temperature`` trains on 90% of the training set
-            every = max(1, round(grid.curve_every * n_fit / tc.batch_size))
-            curves.append(HeldoutCurve(model, guide, curve_set, every=every, num_data=n_fit,
-                                       batch_size=tc.batch_size, num_samples=grid.num_samples, seed=seed))
-            return curves[-1]
-    trained = train_method(method, backbone_factory(grid.backbone, device), list(train.examples), label_words=words,
-                           config=grid.model_config(), train_config=tc, guide=grid.guide,
-                           num_samples=grid.num_samples, prior=grid.prior, progress=progress,
-                           make_callback=make_callback)
+    def make_curve(model, guide):
+        n_fit = model.num_data or len(train)  # ``temperature`` trains on 90% of the training set
+        every = max(1, round(grid.curve_every * n_fit / tc.batch_size))
+        curves.append(HeldoutCurve(model, guide, curve_set, every=every, num_data=n_fit,
+                                   batch_size=tc.batch_size, num_samples=grid.num_samples, seed=seed))
+        return curves[-1]
+    make_callback = make_curve if grid.curve_every is not None and method not in NO_CALLBACK else None
+    ck = {} if make_callback is not None or method in NO_CHECKPOINT else {"checkpoint_dir": ckpt_dir}
+    try:
+        trained = train_method(method, backbone_factory(grid.backbone, device), list(train.examples),
+                               label_words=words, config=grid.model_config(), train_config=tc, guide=grid.guide,
+                               num_samples=grid.num_samples, prior=grid.prior, progress=progress,
+                               make_callback=make_callback, **ck)
+    except CheckpointMismatchError as e:
+        raise CheckpointMismatchError(f"{folder.name}: its checkpoint in {ckpt_dir} comes from another run ({e}); "
+                                      "delete that folder to train this run afresh, or pass --overwrite") from e
     metrics, preds = {}, {}
     t0 = time.perf_counter()
     for name, task in evals.items():
@@ -234,7 +260,8 @@ def run_one(grid: GridConfig, method: str, dataset: str, seed: int, out_dir, *, 
         "steps": tc.steps, "epochs": round(tc.epochs(len(train)), 3),
         "extra_params": trained.extra_params, "lora_params": trained.lora_params,
         "fit_seconds": round(trained.fit_seconds, 1), "eval_seconds": round(eval_seconds, 1),
-        "final_loss": trained.losses[-1] if trained.losses else None, "metrics": metrics,
+        "final_loss": trained.losses[-1] if trained.losses else None, "resumed_from": trained.resumed_from,
+        "metrics": metrics,
         "curve": curves[-1].records if curves else None,
         "date": datetime.date.today().isoformat(),
         "hardware": _hardware(device),
@@ -249,6 +276,9 @@ def run_one(grid: GridConfig, method: str, dataset: str, seed: int, out_dir, *, 
     with atomic_path(folder / "predictions.safetensors") as tmp:
         save_file(tensors, str(tmp))
     atomic_write_json(result_path, result)
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    if ckpt_dir.parent.is_dir() and not any(ckpt_dir.parent.iterdir()):
+        ckpt_dir.parent.rmdir()
     return result
 
 

@@ -86,6 +86,7 @@ class Trained:
     extra_params: int = 0
     lora_params: int = 0
     temperature: float | None = None  # ``temperature``: T fitted on the validation part of the training data
+    resumed_from: list | None = None  # the checkpoint step(s) training resumed from (None: trained from step 0)
     history: dict = field(default_factory=dict)  # fit's monitoring (FitResult.monitor_steps / kl / scale) if a guide
 
     def predict(self, examples: Sequence, *, num_samples: int | None = None, batch_size: int = 8,
@@ -173,6 +174,20 @@ def train_method(method: str, backbone_fn: Callable[[], tuple], train_examples: 
 
     def cb(model, guide=None):
         return {"callback": make_callback(model, guide)} if make_callback is not None else {}
+    earlier, resumed = [0.0], []  # training seconds of the calls a resumed fit continued, their checkpoint steps
+
+    def fit_(*args, **kwargs):
+        t = time.perf_counter()
+        res = fit(*args, **kwargs)
+        if res.resumed_from is not None:
+            earlier[0] += max(0.0, res.seconds - (time.perf_counter() - t))
+            resumed.append(res.resumed_from)
+        return res
+
+    def done(trained: Trained) -> Trained:
+        trained.fit_seconds += earlier[0]
+        trained.resumed_from = resumed or None
+        return trained
     pyro.clear_param_store()
     t0 = time.perf_counter()
 
@@ -191,18 +206,18 @@ def train_method(method: str, backbone_fn: Callable[[], tuple], train_examples: 
         if method == "mcdropout":
             net.peft_model.train()
         model = LoRAModel(net, num_data=n)
-        res = fit(model, None, train_examples, config=tc, progress=progress, **ck, **cb(model))
+        res = fit_(model, None, train_examples, config=tc, progress=progress, **ck, **cb(model))
         net.peft_model.eval()
         lp = lora_parameter_count(net)
-        return Trained(method, [model], None, num_samples, res.losses, time.perf_counter() - t0, 0, lp)
+        return done(Trained(method, [model], None, num_samples, res.losses, time.perf_counter() - t0, 0, lp))
     if method == "temperature":
         fit_part, val_part = validation_split(train_examples, fraction=val_fraction, seed=train_config.seed)
         model = LoRAModel(net_of(False), num_data=len(fit_part))
-        res = fit(model, None, fit_part, config=train_config, progress=progress, **ck, **cb(model))
+        res = fit_(model, None, fit_part, config=train_config, progress=progress, **ck, **cb(model))
         val = predict(model, None, val_part, batch_size=8)
         T = fit_temperature(val.mean_probs, val.labels)
         lp = lora_parameter_count(model.net)
-        return Trained(method, [model], None, 1, res.losses, time.perf_counter() - t0, 1, lp, temperature=T)
+        return done(Trained(method, [model], None, 1, res.losses, time.perf_counter() - t0, 1, lp, temperature=T))
     if method == "ensemble":
         models, losses = [], []
         for k in range(ensemble_size):
@@ -210,18 +225,18 @@ def train_method(method: str, backbone_fn: Callable[[], tuple], train_examples: 
             tc = dataclasses.replace(train_config, seed=train_config.seed + 1000 * k)
             model = LoRAModel(net_of(False, seed=tc.seed), num_data=n, name=f"lora{k}")
             member = {**ck, "checkpoint_dir": os.path.join(checkpoint_dir, f"member{k}")} if ck else {}
-            losses.extend(fit(model, None, train_examples, config=tc, progress=progress, **member).losses)
+            losses.extend(fit_(model, None, train_examples, config=tc, progress=progress, **member).losses)
             models.append(model)
         lp = lora_parameter_count(models[0].net)
-        return Trained(method, models, None, ensemble_size, losses, time.perf_counter() - t0,
-                       (ensemble_size - 1) * lp, lp)
+        return done(Trained(method, models, None, ensemble_size, losses, time.perf_counter() - t0,
+                            (ensemble_size - 1) * lp, lp))
     if method == "scalabl_bayesadapt":
         model = ScalaBL(net := net_of(True), prior=resolve_prior(prior, net), num_data=n)
         g = make_guide("normal", model)
         losses = fit_bayesadapt_recipe(model, g, train_examples, config=train_config, progress=progress)
         lp = lora_parameter_count(model.net)
-        return Trained(method, [model], g, num_samples, losses, time.perf_counter() - t0,
-                       sum(p.numel() for p in g.parameters()), lp)
+        return done(Trained(method, [model], g, num_samples, losses, time.perf_counter() - t0,
+                            sum(p.numel() for p in g.parameters()), lp))
     if method == "blob":
         model = BLoB(net := net_of("A"), prior=resolve_prior(prior, net), num_data=n)
         g = make_guide(guide, model)
@@ -233,7 +248,7 @@ def train_method(method: str, backbone_fn: Callable[[], tuple], train_examples: 
         part = {"stochastic": last_layers(net, PARTIAL_LAYERS)} if method == "scalabl_last2" else {}
         model = ScalaBL(net, prior=resolve_prior(prior, net), num_data=n, **part)
         g = make_guide(guide, model)
-    res = fit(model, g, train_examples, config=train_config, progress=progress, **ck, **cb(model, g))
+    res = fit_(model, g, train_examples, config=train_config, progress=progress, **ck, **cb(model, g))
     if method == "laplace":
         g = laplace_guide(model, g, train_examples, seed=train_config.seed)
     guide_params = sum(p.numel() for p in g.parameters()) + sum(b.numel() for b in g.buffers())
@@ -241,7 +256,8 @@ def train_method(method: str, backbone_fn: Callable[[], tuple], train_examples: 
     trainable = sum(p.numel() for p in model.net.trainable_parameters())
     extra = trainable + guide_params - lp
     history = {"monitor_steps": res.monitor_steps, "kl": res.kl, "scale": res.scale}
-    return Trained(method, [model], g, num_samples, res.losses, time.perf_counter() - t0, extra, lp, history=history)
+    return done(Trained(method, [model], g, num_samples, res.losses, time.perf_counter() - t0, extra, lp,
+                        history=history))
 
 
 
