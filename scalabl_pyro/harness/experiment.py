@@ -7,6 +7,7 @@ diagram; a grid skips runs whose ``result.json`` exists and re-aggregates every 
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 from collections import Counter
 import datetime
@@ -277,8 +278,8 @@ def run_one(grid: GridConfig, method: str, dataset: str, seed: int, out_dir, *, 
         save_file(tensors, str(tmp))
     atomic_write_json(result_path, result)
     shutil.rmtree(ckpt_dir, ignore_errors=True)
-    if ckpt_dir.parent.is_dir() and not any(ckpt_dir.parent.iterdir()):
-        ckpt_dir.parent.rmdir()
+    with contextlib.suppress(OSError):  # another worker's checkpoint may have appeared; a link is left alone
+        ckpt_dir.parent.rmdir()  # only if empty
     return result
 
 
