@@ -28,6 +28,10 @@ def test_grid_writes_results_and_resumes(tmp_path, monkeypatch):
     assert m["n"] == 6 and 0 <= m["acc"] <= 1 and m["nll"] > 0 and m["num_samples"] == 3
     assert 0 <= r["metrics"]["countries_shifted"]["auroc_entropy"] <= 1
     assert r["extra_params"] == 2 * grid.r * 5  # 2r per adapted module (5 on the tiny model)
+    h = r["history"]  # fit's posterior monitoring: after the first step and every max(1, steps // 100) steps
+    assert h["monitor_steps"] == [0, 1] and len(h["kl"]) == len(h["scale"]) == 2 and all(k > 0 for k in h["kl"])
+    assert h["scale"][0] == pytest.approx(0.05, rel=0.2)  # AutoNormal's init_scale, one step in
+    assert next(r for r in results if r["method"] == "mle")["history"] is None
     for name in ("results.md", "results.csv", "ece_vs_acc.png", "grid.json"):
         assert (tmp_path / name).stat().st_size > 0
     assert (run_dir(tmp_path, "countries", "scalabl", 0) / "reliability.png").read_bytes()[:4] == b"\x89PNG"
