@@ -422,7 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _verb(sub, "benchmark", fn=cmd_benchmark, help="run (or resume) a grid of methods x datasets x seeds",
               description="Run every cell of a grid (GridConfig JSON) not finished yet, then rebuild the tables; "
-                          "safe to interrupt. Options given here override the --config grid's values.",
+                          "safe to interrupt: an unfinished cell resumes from its last checkpoint (OUT/.checkpoints/). "
+                          "Options given here override the --config grid's values.",
               examples="  scalabl-pyro benchmark --config bench/grid_cpu.json --out bench/results "
                        "--report bench/RESULTS.md   # resumable grid\n"
                        "  scalabl-pyro benchmark --config bench/grid_cpu.json --out bench/results "
