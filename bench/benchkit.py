@@ -18,31 +18,14 @@ from pathlib import Path
 
 import torch
 
+from scalabl_pyro import Example
+
 __all__ = ["DEVICE", "LETTERS", "WORDS", "make_mc_examples", "make_passage_examples", "load", "sync", "median_ms",
            "table", "cpu_snapshot", "foreign_cpu", "peak_growth_kb", "status_kb", "maxrss_kb", "reset_peak"]
 
 LETTERS = ("A", "B", "C", "D")
 WORDS: dict[str, list[str]] = json.loads((Path(__file__).with_name("synthetic_words.json")).read_text(encoding="utf-8"))
 DEVICE = torch.device("cpu")
-
-
-def _example_cls():
-    try:
-        from scalabl_pyro.harness.data import Example  # noqa: WPS433
-        return Example
-    except Exception:  # pragma: no cover - fallback if the data module is absent/broken
-        from dataclasses import dataclass
-
-        @dataclass(frozen=True)
-        class Example:  # same fields as scalabl_pyro.harness.data.Example
-            id: str
-            label: int
-            choices: tuple
-            prompt: str
-            context: str
-            continuations: tuple
-
-        return Example
 
 
 def _letter_prompt(question: str, choices) -> str:
@@ -54,7 +37,6 @@ def _letter_prompt(question: str, choices) -> str:
 
 def make_mc_examples(n: int, seed: int = 0) -> list:
     """ARC-like letter-format items: a question and 4 choices (~60-120 SmolLM2 tokens per prompt)."""
-    Example = _example_cls()
     rng = random.Random(seed)
     out = []
     for i in range(n):
@@ -68,7 +50,6 @@ def make_mc_examples(n: int, seed: int = 0) -> list:
 
 def make_passage_examples(n: int, seed: int = 0, *, sentences: tuple[int, int] = (5, 8)) -> list:
     """BoolQ-like items: a passage (~100-200 tokens) + question as context, 4 short choices (1-3 tokens)."""
-    Example = _example_cls()
     rng = random.Random(seed)
     out = []
     for i in range(n):

@@ -9,7 +9,6 @@ import contextlib
 import importlib.util
 import random
 import warnings
-from dataclasses import dataclass
 
 import pyro
 import pytest
@@ -20,17 +19,7 @@ from scalabl_pyro.config import ScalaBLConfig
 from scalabl_pyro.model import LoRAModel, ScalaBL
 from scalabl_pyro.scoring import AdaptedLM
 
-try:  # the package's own record type, when the data module is present and importable
-    from scalabl_pyro.harness.data import Example
-except Exception:  # pragma: no cover - fallback with exactly the same fields
-    @dataclass(frozen=True)
-    class Example:
-        id: str
-        label: int
-        choices: tuple
-        prompt: str
-        context: str
-        continuations: tuple
+from scalabl_pyro import Example
 
 
 LABEL_WORDS = ("A", "B", "C")

@@ -350,8 +350,8 @@ def _write_tables(out_dir: Path, results: list[dict], grid: GridConfig | None = 
         cmd = (f"scalabl-pyro benchmark --config {_shown(out_dir / 'grid.json')} --out {_shown(out_dir)} "
                f"--report {_shown(report)}")
         write_grid_section(report, out_dir, f"## {grid.title or 'Grid: ' + grid.budget()}\n\n"
-                             f"{report_header(grid, results)}\n\nRegenerate (resumes; finished runs are skipped):"
-                             f"\n\n```\n{cmd}\n```\n\n{table}")
+                           f"{report_header(grid, results)}\n\nRegenerate (resumes; finished runs are skipped):"
+                           f"\n\n```\n{cmd}\n```\n\n{table}")
     if not rows:
         return rows
     atomic_write_text(out_dir / "results.md", table)

@@ -174,18 +174,19 @@ def train_method(method: str, backbone_fn: Callable[[], tuple], train_examples: 
 
     def cb(model, guide=None):
         return {"callback": make_callback(model, guide)} if make_callback is not None else {}
-    earlier, resumed = [0.0], []  # training seconds of the calls a resumed fit continued, their checkpoint steps
+    earlier, resumed = 0.0, []  # training seconds of the calls a resumed fit continued, their checkpoint steps
 
     def fit_(*args, **kwargs):
+        nonlocal earlier
         t = time.perf_counter()
         res = fit(*args, **kwargs)
         if res.resumed_from is not None:
-            earlier[0] += max(0.0, res.seconds - (time.perf_counter() - t))
+            earlier += max(0.0, res.seconds - (time.perf_counter() - t))
             resumed.append(res.resumed_from)
         return res
 
     def done(trained: Trained) -> Trained:
-        trained.fit_seconds += earlier[0]
+        trained.fit_seconds += earlier
         trained.resumed_from = resumed or None
         return trained
     pyro.clear_param_store()

@@ -4,8 +4,9 @@
 written by ``scalabl-pyro benchmark --report bench/RESULTS.md``, each from its own ``--out`` folder.
 A section runs from ``<!-- grid: KEY -->`` to ``<!-- end grid: KEY -->`` (``KEY``: the grid's output folder,
 relative to the report's folder, so the same folder gets the same section whatever the working directory
-and however it is spelled: :func:`write_grid_section`); text outside the sections (the title, notes written by hand) is kept. A report without any section (the
-single-grid format before December 2026) is replaced by the first section written to it.
+and however it is spelled: :func:`write_grid_section`); text outside the sections (the title, notes written
+by hand) is kept. A report without any section (the single-grid format before December 2026) is replaced by
+the first section written to it.
 """
 from __future__ import annotations
 
