@@ -34,7 +34,8 @@ from .metrics import (
 )
 from .model import LAYOUTS, MODULES_PLATE, LoRAModel, ParamStoreConflictError, ScalaBL, count_parameters, register_adapters
 from .optim import DeviceTrace_ELBO, FusedAdamW, FusedPyroOptim, autonormal_elbo_loss, autonormal_path_applies, elbo_loss
-from .predictive import Prediction, predict
+from .posterior import plot_posterior_scales, posterior_scales
+from .predictive import Prediction, point_guide, predict
 from .priors import (LayerScalePrior, centered_prior, isotropic_normal, laplace_prior, normalize_prior, prior_from_spec,
                      prior_to_spec, stack_priors, student_t_prior)
 from .scoring import AdaptedLM
@@ -55,6 +56,6 @@ __all__ = [
     "autonormal_elbo_loss", "autonormal_path_applies", "country_task", "default_guide", "elbo_loss", "empty_guide", "export_peft", "fit", "fit_temperature", "format_table",
     "guide_spec", "heldout_curves_plot", "init_to_s0", "isotropic_normal", "laplace_posterior", "laplace_prior", "last_layers", "load_backbone", "load_run",
     "load_task", "load_user_task", "make_elbo", "make_guide", "make_optimizer", "normalize_prior", "ood_auroc", "random_llm",
-    "paired_bootstrap", "predict", "prior_from_spec", "prior_to_spec", "register_adapters", "reliability_diagram", "reliability_panels",
+    "paired_bootstrap", "plot_posterior_scales", "point_guide", "posterior_scales", "predict", "prior_from_spec", "prior_to_spec", "register_adapters", "reliability_diagram", "reliability_panels",
     "save_run", "site_name", "stack_priors", "student_t_prior", "task_from_records", "tiny_llama", "uncertainty_decomposition",
 ]

@@ -1,7 +1,7 @@
 """Inspecting the posterior over the subspace: which layers are uncertain.
 
 :func:`posterior_scales` draws samples from any guide and reports, per ``s`` site, the posterior
-standard deviation (mean over the ``r`` coordinates) next to the prior's; :func:`plot_posterior_scales`
+standard deviation and mean ``|s|`` (means over the ``r`` coordinates) next to the prior's; :func:`plot_posterior_scales`
 draws them as bars in module order.
 """
 from __future__ import annotations
@@ -17,33 +17,51 @@ from ._utils import atomic_path
 __all__ = ["posterior_scales", "plot_posterior_scales"]
 
 
-def posterior_scales(model, guide, batch, *, num_samples: int = 200) -> dict[str, dict[str, float]]:
-    """Per-site posterior mean |s|, posterior std (mean over coordinates) and prior std.
+def posterior_scales(model, guide, batch, *, num_samples: int = 200,
+                     seed: int | None = None) -> dict[str, dict[str, float]]:
+    """Per-site posterior mean ``|s|`` and std (means over the ``r`` coordinates) beside the prior's.
 
-    Works for any guide (sampled through :class:`~pyro.infer.Predictive`).
+    Works for any guide (sampled through :class:`~pyro.infer.Predictive`). Each site maps to
+    ``{"mean_abs", "std", "prior_mean_abs", "prior_std"}`` (the prior's entries ``nan`` where the prior has no
+    closed-form mean or variance). ``std / mean_abs`` is the relative noise a posterior draw puts on the adapter
+    ``B diag(s) V``; ``mean_abs`` against ``prior_mean_abs`` shows how far the fit moved ``s`` (the ``B``/``s``
+    scale trade-off: a larger ``|s|`` with the same ``std`` is a less random adapter).
+
+    :param batch: any batch the guide accepts (e.g. ``model.net.collate(examples[:2])``); only its shapes matter.
+    :param seed: draw with this seed and leave the global random state as it was (default: draw from it).
 
     Example::
 
-        scales = posterior_scales(model, guide, batch)
+        scales = posterior_scales(model, guide, batch, seed=0)
         scales["lora.lm_head.s"]["std"]
     """
     sites = list(model.latent_sites)
-    with torch.no_grad():
+    dev = model.net.device
+    with torch.no_grad(), torch.random.fork_rng(devices=[dev.index or 0] if dev.type == "cuda" else [],
+                                                 enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
         samples = Predictive(guide, num_samples=num_samples, return_sites=sites)(batch, batch["labels"])
     out = {}
     for site in sites:  # the vectorized layout's (M, r) site is reported module by module
         rows = model.module_values({site: samples[site]}) if site == getattr(model, "vector_site", None) else {
             site: samples[site]}
-        try:
-            var = model.site_prior(site).variance
-            prior_std = dict(zip(rows, var.sqrt().reshape(len(rows), -1).mean(-1).tolist()))
-        except (NotImplementedError, AttributeError):
-            prior_std = dict.fromkeys(rows, float("nan"))
-        for name, v in rows.items():
+        prior_mean = _prior_moment(model, site, "mean", len(rows), lambda t: t.abs())
+        prior_std = _prior_moment(model, site, "variance", len(rows), lambda t: t.sqrt())
+        for k, (name, v) in enumerate(rows.items()):
             s = v.reshape(num_samples, -1)
             out[name] = {"mean_abs": float(s.mean(0).abs().mean()), "std": float(s.std(0).mean()),
-                         "prior_std": prior_std[name]}
+                         "prior_mean_abs": prior_mean[k], "prior_std": prior_std[k]}
     return out
+
+
+def _prior_moment(model, site: str, moment: str, rows: int, f) -> list[float]:
+    """``f`` of the prior's ``moment`` at ``site``, averaged per module row (``nan`` where it has none)."""
+    try:
+        m = f(getattr(model.site_prior(site), moment).detach().float().cpu())
+        return m.reshape(-1, m.shape[-1] if m.dim() else 1).expand(rows, -1).mean(-1).tolist()
+    except (NotImplementedError, AttributeError, RuntimeError):
+        return [float("nan")] * rows
 
 
 def plot_posterior_scales(scales: dict, path: str | os.PathLike, *, title: str | None = None) -> Path:

@@ -3,7 +3,8 @@
 With ``parallel=True`` the ``S`` posterior samples fold into the batch dimension, so one batch
 costs one (chunked) backbone pass for all samples; the model skips the backbone in Predictive's
 shape-inference passes. The result holds per-sample class probabilities, their Bayesian model
-average, and the entropy decomposition (total = aleatoric + epistemic).
+average, and the entropy decomposition (total = aleatoric + epistemic). :func:`point_guide` puts the model at
+its guide's posterior median instead (a point estimate: what the Bayesian average adds is the difference).
 """
 from __future__ import annotations
 
@@ -11,13 +12,14 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import pyro
+import pyro.distributions as dist
 import torch
 from pyro.infer import Predictive
 
 from .metrics import classification_metrics, uncertainty_decomposition
 from .model import PROBS_SITE
 
-__all__ = ["Prediction", "predict"]
+__all__ = ["Prediction", "point_guide", "predict"]
 
 
 @dataclass
@@ -86,3 +88,28 @@ def predict(model, guide, examples: Sequence, *, num_samples: int = 10, batch_si
             labels.append(batch["labels"])
             ids.extend(str(getattr(ex, "id", i + j)) for j, ex in enumerate(part))
     return Prediction(torch.cat(chunks, 1), torch.cat(labels), ids)
+
+
+def point_guide(guide):
+    """A guide that puts every latent site at ``guide``'s posterior median (a ``Delta``; no randomness).
+
+    ``predict(model, point_guide(guide), examples, num_samples=1)`` is the fitted model at its point estimate
+    (for AutoNormal the posterior mean of ``s``): set beside ``predict(model, guide, ...)`` it shows what
+    averaging over the posterior adds to the calibration. The median is taken once, when this is called.
+
+    :param guide: a trained guide with a ``median()`` (Pyro's autoguides: AutoNormal, AutoDelta,
+        AutoMultivariateNormal, AutoLowRankMultivariateNormal, AutoLaplaceApproximation's posterior, ...).
+
+    Example::
+
+        at_mean = predict(model, point_guide(guide), test.examples, num_samples=1).metrics()
+    """
+    if not callable(getattr(guide, "median", None)):
+        raise TypeError(f"point_guide needs a guide with a median() (an autoguide such as AutoNormal); "
+                        f"{type(guide).__name__} has none")
+    with torch.no_grad():
+        med = {site: v.detach() for site, v in guide.median().items()}
+
+    def at_median(*args, **kwargs):
+        return {site: pyro.sample(site, dist.Delta(v, event_dim=v.dim())) for site, v in med.items()}
+    return at_median

@@ -31,7 +31,14 @@ def test_grid_writes_results_and_resumes(tmp_path, monkeypatch):
     h = r["history"]  # fit's posterior monitoring: after the first step and every max(1, steps // 100) steps
     assert h["monitor_steps"] == [0, 1] and len(h["kl"]) == len(h["scale"]) == 2 and all(k > 0 for k in h["kl"])
     assert h["scale"][0] == pytest.approx(0.05, rel=0.2)  # AutoNormal's init_scale, one step in
+    post = h["posterior"]  # the final posterior per adapted module (posterior_scales), for reading a cell afterwards
+    assert len(post) == 5 and all(set(v) == {"mean_abs", "std", "prior_mean_abs", "prior_std"} for v in post.values())
+    assert all(v["std"] == pytest.approx(0.05, rel=0.3) and v["prior_std"] == 1.0 for v in post.values())
+    assert all(v["mean_abs"] == pytest.approx(v["prior_mean_abs"], rel=0.2) for v in post.values())  # s0, 2 steps on
+    pm = r["point_metrics"]["countries"]  # the same model at its posterior median: one "sample", no disagreement
+    assert pm["num_samples"] == 1 and pm["mean_mi"] == pytest.approx(0, abs=1e-6) and pm["n"] == 6
     assert next(r for r in results if r["method"] == "mle")["history"] is None
+    assert next(r for r in results if r["method"] == "mle")["point_metrics"] is None
     for name in ("results.md", "results.csv", "ece_vs_acc.png", "grid.json"):
         assert (tmp_path / name).stat().st_size > 0
     assert (run_dir(tmp_path, "countries", "scalabl", 0) / "reliability.png").read_bytes()[:4] == b"\x89PNG"

@@ -37,6 +37,15 @@ def test_method_trains_and_predicts(method, scoring, data):
     if method == "blob":  # mean replaces A, std is extra: r*in per module
         a_params = sum(s.s0.numel() for s in t.models[0].net.subspace.sites.values())
         assert t.extra_params == a_params
+    point = t.predict_point(test)  # the posterior median alone: for the methods with an autoguide
+    assert (point is None) == (method in ("mle", "map", "mcdropout", "ensemble", "temperature"))
+    if point is not None:
+        assert point.sample_probs.shape == (1, 6, 4)
+        if method in ("scalabl", "laplace"):  # the autoguide's median, checked against the net at those values
+            med = t.models[0].module_values(t.guide.median())
+            with torch.no_grad():
+                want = t.models[0].net.logits(t.models[0].net.collate(test), s={k: v[None] for k, v in med.items()})
+            torch.testing.assert_close(point.sample_probs[0], want[0].softmax(-1), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("method", ["scalabl", "blob"])

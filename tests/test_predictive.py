@@ -10,7 +10,7 @@ from pyro.infer import Predictive
 
 from conftest import random_s, randomize_lora, synthetic_examples
 from scalabl_pyro.guides import default_guide, make_guide
-from scalabl_pyro.predictive import Prediction, predict
+from scalabl_pyro.predictive import Prediction, point_guide, predict
 
 
 def _ready(model, guide):
@@ -167,3 +167,40 @@ def test_predict_with_fresh_guide(make_model):
     model = make_model("letter")
     pred = predict(model, default_guide(model), synthetic_examples(3), num_samples=2)
     assert pred.sample_probs.shape == (2, 3, 3)
+
+
+@pytest.mark.parametrize("layout", ["modules", "vectorized"])
+def test_point_guide_predicts_at_the_posterior_median(make_net, layout):
+    from scalabl_pyro import ScalaBL
+
+    net = make_net("letter")
+    randomize_lora(net, scale=0.5)
+    model = ScalaBL(net, num_data=8, layout=layout)
+    guide = _ready(model, default_guide(model, init_scale=0.5))
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():  # move the locs away from s0, so that the median is not the initial value
+        for name, p in guide.named_parameters():
+            if name.startswith("locs."):
+                p.add_(torch.randn(p.shape, generator=g))
+    exs = synthetic_examples(3)
+    point = point_guide(guide)
+    with torch.no_grad():
+        for p in guide.parameters():
+            p.add_(1.0)  # the median was taken when point_guide was called: later changes do not leak in
+    pred = predict(model, point, exs, num_samples=3)
+    with torch.no_grad():
+        for p in guide.parameters():
+            p.sub_(1.0)
+        med = model.module_values(guide.median())
+        want = model.net.logits(model.net.collate(exs), s={k: v[None] for k, v in med.items()})[0].softmax(-1)
+    assert pred.sample_probs.shape == (3, 3, 3)
+    for k in range(3):  # every "sample" is the same point
+        torch.testing.assert_close(pred.sample_probs[k], want, atol=1e-5, rtol=1e-5)
+    assert float(pred.mutual_information.abs().max()) < 1e-6
+    s0 = model.net.logits(model.net.collate(exs), s={k: v[None] for k, v in model.module_values(model.s0_values()).items()})[0]
+    assert not torch.allclose(want, s0.softmax(-1), atol=1e-3)  # the test sees where the point is
+
+
+def test_point_guide_needs_a_median(make_model):
+    with pytest.raises(TypeError, match="point_guide needs a guide with a median"):
+        point_guide(lambda batch, labels=None: None)

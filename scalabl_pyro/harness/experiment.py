@@ -3,7 +3,11 @@
 
 A run writes ``<out>/<train_set>.<method>.seed<k>/result.json`` (atomically; see :func:`run_dir`) and a reliability
 diagram; a grid skips runs whose ``result.json`` exists and re-aggregates every finished run into
-``results.md`` / ``results.csv``.
+``results.md`` / ``results.csv``. For a method with a guide, ``result.json``'s ``history`` holds fit's posterior
+monitoring (``monitor_steps``, ``kl`` per example, median posterior ``scale``) and the final ``posterior`` per
+adapted module (:func:`~scalabl_pyro.posterior.posterior_scales`: mean ``|s|`` and std beside the prior's), and
+``point_metrics`` the in-distribution metrics of the model at its posterior median
+(:meth:`~scalabl_pyro.harness.methods.Trained.predict_point`): what averaging over the posterior adds.
 """
 from __future__ import annotations
 
@@ -249,6 +253,7 @@ def run_one(grid: GridConfig, method: str, dataset: str, seed: int, out_dir, *, 
         pred = trained.predict(list(task.examples), progress=progress)
         preds[name] = pred
         metrics[name] = {**pred.metrics(), "note": task.note}
+    point = trained.predict_point(list(evals[dataset].examples))  # the posterior median alone (in distribution)
     eval_seconds = time.perf_counter() - t0
     ind = preds[dataset]
     for name, pred in preds.items():
@@ -263,6 +268,7 @@ def run_one(grid: GridConfig, method: str, dataset: str, seed: int, out_dir, *, 
         "fit_seconds": round(trained.fit_seconds, 1), "eval_seconds": round(eval_seconds, 1),
         "final_loss": trained.losses[-1] if trained.losses else None, "resumed_from": trained.resumed_from,
         "history": trained.history or None, "metrics": metrics,
+        "point_metrics": {dataset: point.metrics()} if point is not None else None,
         "curve": curves[-1].records if curves else None,
         "date": datetime.date.today().isoformat(),
         "hardware": _hardware(device),

@@ -47,7 +47,8 @@ from ..config import ScalaBLConfig, TrainConfig
 from ..guides import init_to_s0, make_guide
 from ..io import RunExistsError, load_run, save_run
 from ..model import LoRAModel, ScalaBL
-from ..predictive import Prediction, predict
+from ..posterior import posterior_scales
+from ..predictive import Prediction, point_guide, predict
 from ..priors import centered_prior, isotropic_normal
 from ..scoring import AdaptedLM
 from ..train import fit
@@ -87,7 +88,8 @@ class Trained:
     lora_params: int = 0
     temperature: float | None = None  # ``temperature``: T fitted on the validation part of the training data
     resumed_from: list | None = None  # the checkpoint step(s) training resumed from (None: trained from step 0)
-    history: dict = field(default_factory=dict)  # fit's monitoring (FitResult.monitor_steps / kl / scale) if a guide
+    history: dict = field(default_factory=dict)  # if a guide: fit's monitoring (FitResult.monitor_steps / kl / scale)
+    # and the final ``posterior`` per site (:func:`~scalabl_pyro.posterior.posterior_scales`)
 
     def predict(self, examples: Sequence, *, num_samples: int | None = None, batch_size: int = 8,
                 progress: bool = False) -> Prediction:
@@ -100,6 +102,13 @@ class Trained:
         guide = self.guide if self.models[0].latent_sites else None
         pred = predict(self.models[0], guide, examples, num_samples=S, batch_size=batch_size, progress=progress)
         return pred if self.temperature is None else TemperatureScaled.from_prediction(pred, self.temperature)
+
+    def predict_point(self, examples: Sequence, *, batch_size: int = 8) -> Prediction | None:
+        """The model at its guide's posterior median (:func:`~scalabl_pyro.predictive.point_guide`), one pass;
+        ``None`` for a method without such a guide (the LoRA baselines, MC dropout, the ensemble)."""
+        if self.guide is None or not callable(getattr(self.guide, "median", None)) or self.method == "ensemble":
+            return None
+        return predict(self.models[0], point_guide(self.guide), examples, num_samples=1, batch_size=batch_size)
 
 
 def validation_split(examples: Sequence, *, fraction: float = 0.1, seed: int = 0) -> tuple[list, list]:
@@ -256,7 +265,9 @@ def train_method(method: str, backbone_fn: Callable[[], tuple], train_examples: 
     lp = lora_parameter_count(model.net)
     trainable = sum(p.numel() for p in model.net.trainable_parameters())
     extra = trainable + guide_params - lp
-    history = {"monitor_steps": res.monitor_steps, "kl": res.kl, "scale": res.scale}
+    batch = model.net.collate(list(train_examples[:2]))  # the guide reads only the shapes
+    history = {"monitor_steps": res.monitor_steps, "kl": res.kl, "scale": res.scale,
+               "posterior": posterior_scales(model, g, batch, seed=train_config.seed)}
     return done(Trained(method, [model], g, num_samples, res.losses, time.perf_counter() - t0, extra, lp,
                         history=history))
 
