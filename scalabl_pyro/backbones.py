@@ -76,10 +76,8 @@ def _load_smollm2(dtype: torch.dtype, **kwargs):
     cache = _cache_root() / "smollm2-135m-instruct"
     if not (cache / "config.json").is_file():
         gguf = smollm2_gguf_path()
-        try:
-            import gguf as _  # noqa: F401
-        except ImportError as e:
-            raise ModuleNotFoundError("Reading GGUF files needs the 'gguf' package: pip install gguf") from e
+        if importlib.util.find_spec("gguf") is None:
+            raise ModuleNotFoundError("Reading GGUF files needs the 'gguf' package: pip install gguf")
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # The weights are de-quantized now: drop the GGUF quantizer so the model saves as plain safetensors.

@@ -10,7 +10,6 @@ import torch
 from conftest import make_example, randomize_lora, synthetic_examples
 from scalabl_pyro import apply_temperature, calibrate, fit_temperature
 from scalabl_pyro.baselines import TemperatureScaled
-from scalabl_pyro.guides import default_guide
 from scalabl_pyro.metrics import classification_metrics
 from scalabl_pyro.predictive import Prediction, predict
 

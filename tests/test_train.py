@@ -337,8 +337,6 @@ def test_lora_dropout_is_on_while_training_and_off_after(make_model, examples):
 
 # ------------------------------------------------------------------------------------- convergence
 def test_fit_records_kl_and_scale_and_warns_when_the_guide_cannot_move(make_model, examples):
-    import warnings
-
     from scalabl_pyro.convergence import ConvergenceWarning
     from scalabl_pyro.guides import default_guide
 

@@ -344,7 +344,7 @@ def _csv_rows(path: Path, text: str, fields: Mapping[str, Any] | None) -> Iterat
             if dup or "" in header:
                 raise DataFormatError(f"{path} line {start}: the header row has " + (
                     f"repeated column names {dup}" if dup else "an empty column name") + "; give every column a "
-                    f"distinct name (question, choice0, choice1, ..., label)")
+                    "distinct name (question, choice0, choice1, ..., label)")
             for key, cols in (fields or {}).items():  # columns named one by one must all be there
                 for c in [] if isinstance(cols, str) else [c for c in cols if c not in header]:
                     raise DataFormatError(f"{path} line {start}: the header has no column {c!r} (named in "
