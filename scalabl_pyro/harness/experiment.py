@@ -12,10 +12,7 @@ adapted module (:func:`~scalabl_pyro.posterior.posterior_scales`: mean ``|s|`` a
 from __future__ import annotations
 
 import contextlib
-import csv
-from collections import Counter
 import datetime
-import io as _io
 import json
 import os
 import platform
@@ -23,32 +20,31 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from statistics import mean, pstdev
 from typing import Mapping, Sequence
 
 import torch
 
 from safetensors.torch import save_file
 
-from .._utils import atomic_path, atomic_write_json, atomic_write_text
+from .._utils import atomic_path, atomic_write_json
 from ..backbones import load_backbone, resolve_device, tiny_llama
 from ..checkpoint import CheckpointMismatchError
 from ..config import ScalaBLConfig, TrainConfig, _JsonConfig
 from ..convergence import HeldoutCurve
 from .data import TaskData, load_task
-from .paired import paired_differences
-from .report import write_grid_section
+from .report import METRIC_KEYS, summarize, write_tables
 from .methods import METHODS, NO_CALLBACK, PRIORS, train_method
-from ..metrics import ece_accuracy_plot, format_table, ood_auroc, reliability_diagram
+from ..metrics import ood_auroc, reliability_diagram
 from .tasks import country_task
 
 __all__ = ["GridConfig", "resolve_task", "run_dir", "run_one", "run_grid", "report_grid", "summarize",
            "GridMismatchError", "check_finished", "checkpoint_dir", "NO_CHECKPOINT", "RUN_SETTINGS", "METRIC_KEYS",
            "DEMO_METHODS", "load_results", "backbone_factory"]
 
-METRIC_KEYS = ("acc", "ece", "nll", "brier")
 #: The methods of a grid by default (and of the demo): plain LoRA and ScalaBL.
 DEMO_METHODS = ("mle", "scalabl")
+
+
 def resolve_task(name: str, split: str, *, data_dir=None, limit: int | None = None, seed: int = 0) -> TaskData:
     """``countries`` / ``countries_shifted`` (embedded), any :func:`~scalabl_pyro.harness.data.load_task` name, or a path to
     your own ``.jsonl``/``.csv`` file or folder of split files (:func:`~scalabl_pyro.harness.userdata.load_user_task`)."""
@@ -293,85 +289,6 @@ def load_results(out_dir) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(Path(out_dir).glob("*.seed*/result.json"))]
 
 
-def summarize(results: Sequence[dict]) -> list[dict]:
-    """Mean and standard deviation over seeds per (train set, method, evaluation set)."""
-    groups: dict[tuple, list[dict]] = {}
-    for r in results:
-        for ev, m in r["metrics"].items():
-            groups.setdefault((r["dataset"], ev, r["method"]), []).append({**m, "extra_params": r["extra_params"]})
-    rows = []
-    for (ds, ev, method), ms in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] != kv[0][0], kv[0][1],
-                                                                          METHODS.index(kv[0][2]))):
-        row = {"train": ds, "eval": ev, "method": method, "seeds": len(ms), "n": ms[0]["n"]}
-        for k in METRIC_KEYS + ("auroc_entropy", "auroc_mi"):
-            vals = [m[k] for m in ms if k in m]
-            if vals:
-                row[k] = f"{mean(vals):.3f}" + (f" ± {pstdev(vals):.3f}" if len(vals) > 1 else "")
-        row["extra_params"] = ms[0]["extra_params"]
-        rows.append(row)
-    return rows
-
-
-def report_header(grid: GridConfig, results: Sequence[dict]) -> str:
-    """Budget, hardware, date and the command that regenerates the table."""
-    hw = "; ".join(f"{h} ({n} runs)" for h, n in Counter(r["hardware"] for r in results).items()) or "?"
-    dates = sorted({r["date"] for r in results}) or ["?"]
-    secs = sum(r["fit_seconds"] + r["eval_seconds"] for r in results)
-    return "\n".join([
-        f"Backbone `{grid.backbone}`, `{grid.scoring}` scoring (normalize={grid.normalize}), LoRA r={grid.r} on "
-        f"q_proj/v_proj/lm_head; {grid.budget()}, lr {grid.lr} (projections) / "
-        f"{grid.guide_lr} (guide), KL annealed over {grid.kl_anneal:.0%} of the steps, prior "
-        f"{PRIORS[grid.prior]}, {grid.num_samples} posterior samples at test time.",
-        f"Training sets capped at {grid.train_limit or 'all'} examples, each evaluation set at "
-        f"{grid.test_limit or 'all'} (seeded subsets). Seeds per cell: see `seeds`. ECE uses 15 equal-width bins.",
-        f"Finished runs: {len(results)} of {len(grid.methods) * len(grid.datasets) * len(grid.seeds)} in the grid; "
-        f"compute {secs / 3600:.1f} h on: {hw}; dates {dates[0]} to {dates[-1]}.",
-        *([grid.note] if grid.note else []),
-        "OOD columns: AUROC of predictive entropy / mutual information for telling the training set's test "
-        "questions from the evaluation set's.",
-    ])
-
-
-def _shown(path) -> str:
-    """A path as the report's command shows it: relative to the working directory when inside it."""
-    try:
-        rel = os.path.relpath(os.path.abspath(path))
-    except ValueError:  # another drive (Windows)
-        rel = ".."
-    return Path(os.path.abspath(path) if rel.startswith("..") else rel).as_posix()
-
-
-def _write_tables(out_dir: Path, results: list[dict], grid: GridConfig | None = None,
-                  report: str | os.PathLike | None = None) -> list[dict]:
-    rows = summarize(results)
-    cols = ["train", "eval", "method", "seeds", "n", *METRIC_KEYS, "auroc_entropy", "auroc_mi", "extra_params"]
-    table = format_table(rows, columns=cols) + "\n" if rows else "No finished runs yet.\n"
-    pairs = paired_differences(out_dir, results)
-    if pairs:
-        table += ("\nPaired differences, ScalaBL minus plain LoRA (`mle`) and minus temperature scaling, per metric "
-                  "averaged over the seeds both finished, with a 95% paired bootstrap interval over the test "
-                  "questions (`*`: the interval excludes 0; lower is better for ECE, NLL and Brier):\n\n"
-                  + format_table(pairs, columns=["train", "eval", "pair", "seeds", "n", *METRIC_KEYS]) + "\n")
-    if report is not None and grid is not None:
-        cmd = (f"scalabl-pyro benchmark --config {_shown(out_dir / 'grid.json')} --out {_shown(out_dir)} "
-               f"--report {_shown(report)}")
-        write_grid_section(report, out_dir, f"## {grid.title or 'Grid: ' + grid.budget()}\n\n"
-                           f"{report_header(grid, results)}\n\nRegenerate (resumes; finished runs are skipped):"
-                           f"\n\n```\n{cmd}\n```\n\n{table}")
-    if not rows:
-        return rows
-    atomic_write_text(out_dir / "results.md", table)
-    buf = _io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=cols)
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_text(out_dir / "results.csv", buf.getvalue())
-    points = [{"method": r["method"], "dataset": ev, "acc": m["acc"], "ece": m["ece"]}
-              for r in results for ev, m in r["metrics"].items()]
-    ece_accuracy_plot(points, out_dir / "ece_vs_acc.png", title="ECE vs accuracy")
-    return rows
-
-
 #: Grid settings that change a run's numbers: a finished run made with other values does not belong in the table.
 RUN_SETTINGS = ("backbone", "scoring", "normalize", "r", "steps", "batch_size", "lr", "guide_lr", "num_samples",
                 "guide", "kl_anneal", "prior", "train_limit", "test_limit", "epochs")
@@ -407,7 +324,7 @@ def report_grid(grid: GridConfig, out_dir, *, report: str | os.PathLike | None =
     """
     results = load_results(out_dir)
     check_finished(grid, results, out_dir)
-    return _write_tables(Path(out_dir), results, grid, report)
+    return write_tables(Path(out_dir), results, grid, report)
 
 
 def _run_cell(args) -> tuple[str, str | None]:

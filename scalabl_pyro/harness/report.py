@@ -6,17 +6,33 @@ A section runs from ``<!-- grid: KEY -->`` to ``<!-- end grid: KEY -->`` (``KEY`
 relative to the report's folder, so the same folder gets the same section whatever the working directory
 and however it is spelled: :func:`write_grid_section`); text outside the sections (the title, notes written
 by hand) is kept. A report without any section (the single-grid format before December 2026) is replaced by
-the first section written to it.
+the first section written to it. :func:`write_tables` writes a grid's tables: the per-method means, the paired
+differences (:mod:`.paired`) and the reading of every run (:mod:`.diagnostics`).
 """
 from __future__ import annotations
 
+import csv
+import io as _io
 import os
 import re
+from collections import Counter
 from pathlib import Path
+from statistics import mean, pstdev
+from typing import TYPE_CHECKING, Sequence
 
 from .._utils import atomic_write_text
+from ..metrics import ece_accuracy_plot, format_table
+from .diagnostics import DIAGNOSTIC_COLUMNS, run_diagnostics
+from .methods import METHODS, PRIORS
+from .paired import paired_differences
 
-__all__ = ["write_report_section", "write_grid_section", "grid_section_key", "report_sections", "REPORT_TITLE"]
+if TYPE_CHECKING:  # the grid's config lives above this module (experiment imports report)
+    from .experiment import GridConfig
+
+__all__ = ["write_report_section", "write_grid_section", "grid_section_key", "report_sections", "REPORT_TITLE",
+           "summarize", "report_header", "write_tables", "METRIC_KEYS"]
+
+METRIC_KEYS = ("acc", "ece", "nll", "brier")
 
 REPORT_TITLE = "# Benchmark results\n"
 _BEGIN, _END = "<!-- grid: {} -->", "<!-- end grid: {} -->"
@@ -102,3 +118,101 @@ def write_grid_section(report: str | os.PathLike, out_dir: str | os.PathLike, bo
     old = Path(report).read_text(encoding="utf-8") if Path(report).exists() else ""
     same = [k for k in report_sections(old) if k != key and _names_folder(k, report, out_dir)]
     return write_report_section(report, key, body, replaces=same[0] if same else None)
+
+
+def _in_table_order(results: Sequence[dict]) -> list[dict]:
+    return sorted(results, key=lambda r: (r["dataset"], METHODS.index(r["method"]) if r["method"] in METHODS
+                                          else len(METHODS), r["seed"]))
+
+
+def summarize(results: Sequence[dict]) -> list[dict]:
+    """Mean and standard deviation over seeds per (train set, method, evaluation set)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        for ev, m in r["metrics"].items():
+            groups.setdefault((r["dataset"], ev, r["method"]), []).append({**m, "extra_params": r["extra_params"]})
+    rows = []
+    for (ds, ev, method), ms in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] != kv[0][0], kv[0][1],
+                                                                          METHODS.index(kv[0][2]))):
+        row = {"train": ds, "eval": ev, "method": method, "seeds": len(ms), "n": ms[0]["n"]}
+        for k in METRIC_KEYS + ("auroc_entropy", "auroc_mi"):
+            vals = [m[k] for m in ms if k in m]
+            if vals:
+                row[k] = f"{mean(vals):.3f}" + (f" ± {pstdev(vals):.3f}" if len(vals) > 1 else "")
+        row["extra_params"] = ms[0]["extra_params"]
+        rows.append(row)
+    return rows
+
+
+def report_header(grid: GridConfig, results: Sequence[dict]) -> str:
+    """Budget, hardware, date and the command that regenerates the table."""
+    hw = "; ".join(f"{h} ({n} runs)" for h, n in Counter(r["hardware"] for r in results).items()) or "?"
+    dates = sorted({r["date"] for r in results}) or ["?"]
+    secs = sum(r["fit_seconds"] + r["eval_seconds"] for r in results)
+    return "\n".join([
+        f"Backbone `{grid.backbone}`, `{grid.scoring}` scoring (normalize={grid.normalize}), LoRA r={grid.r} on "
+        f"q_proj/v_proj/lm_head; {grid.budget()}, lr {grid.lr} (projections) / "
+        f"{grid.guide_lr} (guide), KL annealed over {grid.kl_anneal:.0%} of the steps, prior "
+        f"{PRIORS[grid.prior]}, {grid.num_samples} posterior samples at test time.",
+        f"Training sets capped at {grid.train_limit or 'all'} examples, each evaluation set at "
+        f"{grid.test_limit or 'all'} (seeded subsets). Seeds per cell: see `seeds`. ECE uses 15 equal-width bins.",
+        f"Finished runs: {len(results)} of {len(grid.methods) * len(grid.datasets) * len(grid.seeds)} in the grid; "
+        f"compute {secs / 3600:.1f} h on: {hw}; dates {dates[0]} to {dates[-1]}.",
+        *([grid.note] if grid.note else []),
+        "OOD columns: AUROC of predictive entropy / mutual information for telling the training set's test "
+        "questions from the evaluation set's.",
+    ])
+
+
+def _shown(path) -> str:
+    """A path as the report's command shows it: relative to the working directory when inside it."""
+    try:
+        rel = os.path.relpath(os.path.abspath(path))
+    except ValueError:  # another drive (Windows)
+        rel = ".."
+    return Path(os.path.abspath(path) if rel.startswith("..") else rel).as_posix()
+
+
+def write_tables(out_dir: Path, results: list[dict], grid: GridConfig | None = None,
+                 report: str | os.PathLike | None = None) -> list[dict]:
+    """Write the grid's tables (``results.md``, ``results.csv``, ``ece_vs_acc.png`` in ``out_dir``) and, with
+    ``report`` and ``grid``, its section of that report: the per-method table, the paired differences of ScalaBL
+    against plain LoRA and temperature scaling, and the diagnostics of every run (:mod:`.diagnostics`)."""
+    rows = summarize(results)
+    cols = ["train", "eval", "method", "seeds", "n", *METRIC_KEYS, "auroc_entropy", "auroc_mi", "extra_params"]
+    table = format_table(rows, columns=cols) + "\n" if rows else "No finished runs yet.\n"
+    pairs = paired_differences(out_dir, results)
+    if pairs:
+        table += ("\nPaired differences, ScalaBL minus plain LoRA (`mle`) and minus temperature scaling, per metric "
+                  "averaged over the seeds both finished, with a 95% paired bootstrap interval over the test "
+                  "questions (`*`: the interval excludes 0; lower is better for ECE, NLL and Brier):\n\n"
+                  + format_table(pairs, columns=["train", "eval", "pair", "seeds", "n", *METRIC_KEYS]) + "\n")
+    diag = run_diagnostics(out_dir, _in_table_order(results))
+    if any(row["conf"] or row["mi"] for row in diag):  # grids from before predictions were saved: nothing to add
+        table += ("\nReading the runs, on each training set's own test questions (means over seeds): `conf` is the "
+                  "mean top probability and `gap` = conf - acc (> 0: over-confident), `mi` the mutual information of "
+                  "a sampled method's samples (nats). For the methods with a guide: `kl_end` the ELBO's KL term per training example at "
+                  "the end and `kl_tail` its change over the last fifth of training, `rel_noise` the median over "
+                  "modules of posterior std / mean |s| (how random a posterior draw of the adapter is), `s_moved` "
+                  "the median of mean |s| / the prior's mean |s|, and `ece_point` / `nll_point` the same model at "
+                  "its posterior median beside the averaged `ece` / `nll` (what the Bayesian average adds). Blank: "
+                  "not recorded (runs before the posterior was recorded, or no guide).\n\n"
+                  + format_table(diag, columns=list(DIAGNOSTIC_COLUMNS)) + "\n")
+    if report is not None and grid is not None:
+        cmd = (f"scalabl-pyro benchmark --config {_shown(out_dir / 'grid.json')} --out {_shown(out_dir)} "
+               f"--report {_shown(report)}")
+        write_grid_section(report, out_dir, f"## {grid.title or 'Grid: ' + grid.budget()}\n\n"
+                           f"{report_header(grid, results)}\n\nRegenerate (resumes; finished runs are skipped):"
+                           f"\n\n```\n{cmd}\n```\n\n{table}")
+    if not rows:
+        return rows
+    atomic_write_text(out_dir / "results.md", table)
+    buf = _io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols)
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(out_dir / "results.csv", buf.getvalue())
+    points = [{"method": r["method"], "dataset": ev, "acc": m["acc"], "ece": m["ece"]}
+              for r in results for ev, m in r["metrics"].items()]
+    ece_accuracy_plot(points, out_dir / "ece_vs_acc.png", title="ECE vs accuracy")
+    return rows
