@@ -39,6 +39,7 @@ def test_grid_writes_results_and_resumes(tmp_path, monkeypatch):
     assert pm["num_samples"] == 1 and pm["mean_mi"] == pytest.approx(0, abs=1e-6) and pm["n"] == 6
     assert next(r for r in results if r["method"] == "mle")["history"] is None
     assert next(r for r in results if r["method"] == "mle")["point_metrics"] is None
+    assert r["temperature"] is None  # recorded only for the methods that fit one
     for name in ("results.md", "results.csv", "ece_vs_acc.png", "grid.json"):
         assert (tmp_path / name).stat().st_size > 0
     assert (run_dir(tmp_path, "countries", "scalabl", 0) / "reliability.png").read_bytes()[:4] == b"\x89PNG"
@@ -230,9 +231,10 @@ def test_grid_tables_give_paired_differences_against_lora_and_temperature(tmp_pa
     from scalabl_pyro.harness import paired_differences
     from scalabl_pyro.metrics import classification_metrics
 
-    grid = tiny_grid(methods=("mle", "temperature", "scalabl"), seeds=(0, 1), train_limit=10, ood={})
+    grid = tiny_grid(methods=("mle", "temperature", "scalabl", "scalabl_temperature"), seeds=(0, 1), train_limit=10,
+                     ood={})
     run_grid(grid, tmp_path, progress=False, only={"methods": ["mle", "scalabl"]})
-    run_grid(grid, tmp_path, progress=False, only={"methods": ["temperature"], "seeds": [1]})
+    run_grid(grid, tmp_path, progress=False, only={"methods": ["temperature", "scalabl_temperature"], "seeds": [1]})
     rows = paired_differences(tmp_path, load_results(tmp_path))
     assert [(r["pair"], r["seeds"]) for r in rows] == [("scalabl - mle", 2), ("scalabl - temperature", 1)]
     ece = {}
@@ -243,6 +245,9 @@ def test_grid_tables_give_paired_differences_against_lora_and_temperature(tmp_pa
     assert v == pytest.approx(ece["scalabl"] - ece["temperature"], abs=1e-6) and lo <= v <= hi
     text = (tmp_path / "results.md").read_text()
     assert "Paired differences, ScalaBL minus plain LoRA" in text and "| scalabl - temperature | 1 | 6 |" in text
+    for pair in ("scalabl_temperature - scalabl", "scalabl_temperature - temperature"):  # both remedies together
+        assert f"| {pair} | 1 | 6 |" in text
+    assert all(r["temperature"] > 0 for r in load_results(tmp_path) if r["method"].endswith("temperature"))
 
 
 def test_paired_differences_refuse_runs_on_other_questions(tmp_path):

@@ -21,7 +21,7 @@ def test_method_trains_and_predicts(method, scoring, data):
                      config=ScalaBLConfig(r=4, scoring=scoring), train_config=TrainConfig(steps=3, batch_size=4),
                      num_samples=4, ensemble_size=2, progress=False)
     pred = t.predict(test)
-    S = {"mle": 1, "map": 1, "ensemble": 2, "temperature": 1}.get(method, 4)
+    S = {"mle": 1, "map": 1, "ensemble": 2, "temperature": 1, "scalabl_temperature": 1}.get(method, 4)
     assert pred.sample_probs.shape == (S, 6, 4)
     torch.testing.assert_close(pred.sample_probs.sum(-1), torch.ones(S, 6))
     m = pred.metrics()
@@ -105,6 +105,43 @@ def test_temperature_method_fits_T_on_held_out_training_data(monkeypatch):
     assert t.temperature == fit_temperature(val.mean_probs, val.labels)
     pred, raw = t.predict(exs[:6]), predict(t.models[0], None, exs[:6])
     assert pred.temperature == t.temperature and torch.equal(pred.mean_probs.argmax(-1), raw.mean_probs.argmax(-1))
+
+
+def test_scalabl_temperature_tempers_the_model_average_with_T_from_held_out_training_data(monkeypatch):
+    import scalabl_pyro.harness.methods as methods
+    from conftest import LABEL_WORDS, synthetic_examples
+    from scalabl_pyro.baselines.temperature import apply_temperature, fit_temperature
+    from scalabl_pyro.config import ScalaBLConfig, TrainConfig
+
+    exs = synthetic_examples(20)
+    seen = {"predict": []}
+    fit0, predict0 = methods.fit, methods.predict
+
+    def fit_spy(model, guide, examples, **kw):
+        seen["fit_ids"] = [ex.id for ex in examples]
+        return fit0(model, guide, examples, **kw)
+
+    def predict_spy(model, guide, examples, **kw):
+        out = predict0(model, guide, examples, **kw)
+        seen["predict"].append(([ex.id for ex in examples], kw.get("num_samples"), out))
+        return out
+
+    monkeypatch.setattr(methods, "fit", fit_spy)
+    monkeypatch.setattr(methods, "predict", predict_spy)
+    tc = TrainConfig(steps=4, batch_size=4, lr=5e-2, guide_lr=0.05, seed=3)
+    t = methods.train_method("scalabl_temperature", tiny_llama, exs, label_words=LABEL_WORDS, num_samples=3,
+                             config=ScalaBLConfig(r=4, scoring="letter"), train_config=tc, progress=False)
+    fit_part, val_part = methods.validation_split(exs, fraction=0.1, seed=3)  # temperature's split
+    assert seen["fit_ids"] == [ex.id for ex in fit_part] and t.models[0].num_data == len(fit_part) == 18
+    (ids, S, val), = seen["predict"]  # one held-out prediction, with the posterior samples
+    assert ids == [ex.id for ex in val_part] and S == 3 and val.sample_probs.shape[0] == 3
+    assert t.temperature == fit_temperature(val.mean_probs, val.labels)
+    pred = t.predict(exs[:6])  # the model average of 3 samples, tempered: one "sample"
+    assert pred.temperature == t.temperature and pred.sample_probs.shape == (1, 6, 3)
+    raw = seen["predict"][-1][2]
+    torch.testing.assert_close(pred.mean_probs, apply_temperature(raw.mean_probs, t.temperature))
+    assert t.extra_params == 2 * 4 * 5 + 1  # loc and scale of r per module, and T
+    assert t.history["posterior"] and t.predict_point(exs[:2]).sample_probs.shape == (1, 2, 3)
 
 
 def test_validation_split_errors():

@@ -265,6 +265,7 @@ def run_one(grid: GridConfig, method: str, dataset: str, seed: int, out_dir, *, 
         "final_loss": trained.losses[-1] if trained.losses else None, "resumed_from": trained.resumed_from,
         "history": trained.history or None, "metrics": metrics,
         "point_metrics": {dataset: point.metrics()} if point is not None else None,
+        "temperature": trained.temperature,  # T fitted on held-out training data (temperature methods), else None
         "curve": curves[-1].records if curves else None,
         "date": datetime.date.today().isoformat(),
         "hardware": _hardware(device),

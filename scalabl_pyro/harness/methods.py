@@ -17,6 +17,8 @@ whose :meth:`Trained.predict` gives a :class:`~scalabl_pyro.predictive.Predictio
                10% (:mod:`scalabl_pyro.baselines.temperature`); never on the test split
 ``scalabl_last2``  partial-Bayesian ScalaBL: ``s`` latent only in ``lm_head`` and the last 2 decoder
                layers, the other modules plain LoRA; posterior samples share the lower layers (one pass)
+``scalabl_temperature``  ScalaBL on 90% of the training data, then one temperature fitted by NLL on the
+               model average of the other 10% (the same split as ``temperature``): both remedies together
 =============  ==============================================================================
 
 Each method gets its own freshly loaded backbone from ``backbone_fn``.
@@ -58,7 +60,7 @@ __all__ = ["METHODS", "NO_CALLBACK", "Trained", "train_method", "train_polar_vbl
            "validation_split", "lora_parameter_count"]
 
 METHODS = ("mle", "map", "scalabl", "blob", "laplace", "mcdropout", "ensemble", "scalabl_bayesadapt", "temperature",
-           "scalabl_last2")
+           "scalabl_last2", "scalabl_temperature")
 #: Methods whose training takes no ``make_callback`` (several models, or their own loop).
 NO_CALLBACK = ("ensemble", "scalabl_bayesadapt")
 #: ``scalabl_last2``: partial-Bayesian ScalaBL, only ``lm_head`` and the last ``PARTIAL_LAYERS`` decoder layers
@@ -86,7 +88,7 @@ class Trained:
     fit_seconds: float = 0.0
     extra_params: int = 0
     lora_params: int = 0
-    temperature: float | None = None  # ``temperature``: T fitted on the validation part of the training data
+    temperature: float | None = None  # ``temperature``, ``scalabl_temperature``: T fitted on held-out training data
     resumed_from: list | None = None  # the checkpoint step(s) training resumed from (None: trained from step 0)
     history: dict = field(default_factory=dict)  # if a guide: fit's monitoring (FitResult.monitor_steps / kl / scale)
     # and the final ``posterior`` per site (:func:`~scalabl_pyro.posterior.posterior_scales`)
@@ -155,8 +157,8 @@ def train_method(method: str, backbone_fn: Callable[[], tuple], train_examples: 
     :param prior: any prior form of :func:`~scalabl_pyro.priors.normalize_prior` (default: the model's, ``Normal(s0, 1)`` for
         ScalaBL, ``Normal(0, 1)`` for BLoB), or
         a name from :data:`PRIORS`: ``"s0"`` is :func:`~scalabl_pyro.priors.centered_prior` at the net's ``s0``.
-    :param val_fraction: ``temperature``: the share of ``train_examples`` held out (seeded by
-        ``train_config.seed``) to fit ``T`` on; plain LoRA trains on the rest. The test split is never used.
+    :param val_fraction: ``temperature`` and ``scalabl_temperature``: the share of ``train_examples`` held out
+        (seeded by ``train_config.seed``) to fit ``T`` on; the model trains on the rest. The test split is never used.
     :param make_callback: called as ``make_callback(model, guide)`` (``guide`` is ``None`` for the LoRA methods)
         once the model is built; it returns the ``callback(step, loss)`` given to
         :func:`~scalabl_pyro.train.fit`, e.g. a :class:`~scalabl_pyro.convergence.HeldoutCurve`. Not for
@@ -254,22 +256,30 @@ def train_method(method: str, backbone_fn: Callable[[], tuple], train_examples: 
         model = ScalaBL(net := net_of(True), prior=resolve_prior(prior, net), num_data=n)
         g = AutoLaplaceApproximation(model, init_loc_fn=init_to_s0(model))
     else:
+        val_part = None
+        if method == "scalabl_temperature":  # the split (and so the steps per epoch) of ``temperature``
+            train_examples, val_part = validation_split(train_examples, fraction=val_fraction,
+                                                        seed=train_config.seed)
         net = net_of(True)
         part = {"stochastic": last_layers(net, PARTIAL_LAYERS)} if method == "scalabl_last2" else {}
-        model = ScalaBL(net, prior=resolve_prior(prior, net), num_data=n, **part)
+        model = ScalaBL(net, prior=resolve_prior(prior, net), num_data=len(train_examples), **part)
         g = make_guide(guide, model)
     res = fit_(model, g, train_examples, config=train_config, progress=progress, **ck, **cb(model, g))
+    T = None
+    if method == "scalabl_temperature":
+        val = predict(model, g, val_part, num_samples=num_samples, batch_size=8)
+        T = fit_temperature(val.mean_probs, val.labels)
     if method == "laplace":
         g = laplace_guide(model, g, train_examples, seed=train_config.seed)
     guide_params = sum(p.numel() for p in g.parameters()) + sum(b.numel() for b in g.buffers())
     lp = lora_parameter_count(model.net)
     trainable = sum(p.numel() for p in model.net.trainable_parameters())
-    extra = trainable + guide_params - lp
+    extra = trainable + guide_params - lp + (T is not None)
     batch = model.net.collate(list(train_examples[:2]))  # the guide reads only the shapes
     history = {"monitor_steps": res.monitor_steps, "kl": res.kl, "scale": res.scale,
                "posterior": posterior_scales(model, g, batch, seed=train_config.seed)}
     return done(Trained(method, [model], g, num_samples, res.losses, time.perf_counter() - t0, extra, lp,
-                        history=history))
+                        temperature=T, history=history))
 
 
 

@@ -181,10 +181,13 @@ def write_tables(out_dir: Path, results: list[dict], grid: GridConfig | None = N
     rows = summarize(results)
     cols = ["train", "eval", "method", "seeds", "n", *METRIC_KEYS, "auroc_entropy", "auroc_mi", "extra_params"]
     table = format_table(rows, columns=cols) + "\n" if rows else "No finished runs yet.\n"
-    pairs = paired_differences(out_dir, results)
+    pairs = paired_differences(out_dir, results) + paired_differences(
+        out_dir, results, method="scalabl_temperature", against=("scalabl", "temperature"))
+    pairs.sort(key=lambda row: (row["train"], row["eval"] != row["train"], row["eval"]))  # stable: pair order kept
     if pairs:
-        table += ("\nPaired differences, ScalaBL minus plain LoRA (`mle`) and minus temperature scaling, per metric "
-                  "averaged over the seeds both finished, with a 95% paired bootstrap interval over the test "
+        table += ("\nPaired differences, ScalaBL minus plain LoRA (`mle`) and minus temperature scaling (and, where "
+                  "it ran, ScalaBL with a temperature minus each remedy alone), per metric averaged over the seeds "
+                  "both finished, with a 95% paired bootstrap interval over the test "
                   "questions (`*`: the interval excludes 0; lower is better for ECE, NLL and Brier):\n\n"
                   + format_table(pairs, columns=["train", "eval", "pair", "seeds", "n", *METRIC_KEYS]) + "\n")
     diag = run_diagnostics(out_dir, _in_table_order(results))
