@@ -107,8 +107,12 @@ def point_guide(guide):
     if not callable(getattr(guide, "median", None)):
         raise TypeError(f"point_guide needs a guide with a median() (an autoguide such as AutoNormal); "
                         f"{type(guide).__name__} has none")
-    with torch.no_grad():
-        med = {site: v.detach() for site, v in guide.median().items()}
+    try:
+        with torch.no_grad():
+            med = {site: v.detach() for site, v in guide.median().items()}
+    except NotImplementedError as e:  # e.g. AutoIAFNormal: no closed-form median
+        raise TypeError(f"point_guide needs a guide with a median(); {type(guide).__name__}'s is not "
+                        "implemented. Use AutoNormal or another guide with a closed-form median") from e
 
     def at_median(*args, **kwargs):
         return {site: pyro.sample(site, dist.Delta(v, event_dim=v.dim())) for site, v in med.items()}

@@ -183,3 +183,11 @@ def test_make_callback_refused_where_it_cannot_apply(method, data):
     with pytest.raises(ValueError, match=f"make_callback is not supported for '{method}'"):
         train_method(method, tiny_llama, data[0], label_words=("A", "B", "C", "D"), progress=False,
                      make_callback=lambda m, g: None)
+
+
+def test_predict_point_is_none_for_a_guide_without_median(data):
+    train, test = data
+    t = train_method("scalabl", tiny_llama, train, label_words=("A", "B", "C", "D"), guide="iaf",
+                     config=ScalaBLConfig(r=4), train_config=TrainConfig(steps=2, batch_size=4), num_samples=2,
+                     progress=False)
+    assert t.predict_point(test) is None and t.predict(test).sample_probs.shape == (2, 6, 4)

@@ -204,3 +204,6 @@ def test_point_guide_predicts_at_the_posterior_median(make_net, layout):
 def test_point_guide_needs_a_median(make_model):
     with pytest.raises(TypeError, match="point_guide needs a guide with a median"):
         point_guide(lambda batch, labels=None: None)
+    model = make_model("letter")
+    with pytest.raises(TypeError, match="AutoIAFNormal's is not implemented. Use AutoNormal"):
+        point_guide(_ready(model, make_guide("iaf", model)))

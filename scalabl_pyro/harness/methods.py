@@ -107,10 +107,14 @@ class Trained:
 
     def predict_point(self, examples: Sequence, *, batch_size: int = 8) -> Prediction | None:
         """The model at its guide's posterior median (:func:`~scalabl_pyro.predictive.point_guide`), one pass;
-        ``None`` for a method without such a guide (the LoRA baselines, MC dropout, the ensemble)."""
-        if self.guide is None or not callable(getattr(self.guide, "median", None)) or self.method == "ensemble":
+        ``None`` for a method without such a guide (the LoRA baselines, MC dropout, the ensemble, AutoIAFNormal)."""
+        if self.guide is None or self.method == "ensemble":
             return None
-        return predict(self.models[0], point_guide(self.guide), examples, num_samples=1, batch_size=batch_size)
+        try:
+            point = point_guide(self.guide)
+        except TypeError:  # no (closed-form) median
+            return None
+        return predict(self.models[0], point, examples, num_samples=1, batch_size=batch_size)
 
 
 def validation_split(examples: Sequence, *, fraction: float = 0.1, seed: int = 0) -> tuple[list, list]:
