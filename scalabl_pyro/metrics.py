@@ -15,6 +15,7 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.ticker import NullFormatter
 from torch import Tensor
 from torchmetrics.functional.classification import binary_auroc, multiclass_calibration_error
 
@@ -270,7 +271,7 @@ def reliability_panels(panels: Mapping[str, Mapping[str, tuple[Tensor, Tensor]]]
 
     Example::
 
-        reliability_panels({"countries": {"LoRA": (p1, y)}, "shifted": {"LoRA": (p2, y2)}}, y, "reliability.png")
+        reliability_panels({"countries": {"LoRA": (p1, y)}, "shifted": {"LoRA": (p2, y2)}}, "reliability.png")
     """
     evals = list(panels)
     if not evals or not all(panels[e] for e in evals):
@@ -316,6 +317,7 @@ def reliability_panels(panels: Mapping[str, Mapping[str, tuple[Tensor, Tensor]]]
                           loc="upper left", fontsize=7)
             hx.bar(centers[occ], b["count"].numpy()[occ], width, color="tab:gray", edgecolor="k", lw=0.5)
             hx.set_yscale("log")
+            hx.yaxis.set_minor_formatter(NullFormatter())  # decades only: minor labels crowd a short axis
             hx.set(xlim=(0, 1), xlabel="confidence" if i == R - 1 else None, ylabel="count" if j == 0 else None)
     if title:
         fig.suptitle(title)

@@ -248,6 +248,9 @@ def test_grid_tables_give_paired_differences_against_lora_and_temperature(tmp_pa
     for pair in ("scalabl_temperature - scalabl", "scalabl_temperature - temperature"):  # both remedies together
         assert f"| {pair} | 1 | 6 |" in text
     assert all(r["temperature"] > 0 for r in load_results(tmp_path) if r["method"].endswith("temperature"))
+    # reliability figure per training set: the seed where most of mle/temperature/scalabl/scalabl_temperature ran
+    assert "[countries, seed 1](countries.reliability.png)" in text
+    assert (tmp_path / "countries.reliability.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_paired_differences_refuse_runs_on_other_questions(tmp_path):

@@ -20,8 +20,10 @@ from pathlib import Path
 from statistics import mean, pstdev
 from typing import TYPE_CHECKING, Sequence
 
+from safetensors.torch import load_file
+
 from .._utils import atomic_write_text
-from ..metrics import ece_accuracy_plot, format_table
+from ..metrics import ece_accuracy_plot, format_table, reliability_panels
 from .diagnostics import DIAGNOSTIC_COLUMNS, run_diagnostics
 from .methods import METHODS, PRIORS
 from .paired import paired_differences
@@ -30,9 +32,11 @@ if TYPE_CHECKING:  # the grid's config lives above this module (experiment impor
     from .experiment import GridConfig
 
 __all__ = ["write_report_section", "write_grid_section", "grid_section_key", "report_sections", "REPORT_TITLE",
-           "summarize", "report_header", "write_tables", "METRIC_KEYS"]
+           "summarize", "report_header", "write_tables", "reliability_figures", "METRIC_KEYS", "FIGURE_METHODS"]
 
 METRIC_KEYS = ("acc", "ece", "nll", "brier")
+#: The methods drawn side by side in a grid's reliability figure per training set (those that finished).
+FIGURE_METHODS = ("mle", "temperature", "scalabl", "scalabl_temperature")
 
 REPORT_TITLE = "# Benchmark results\n"
 _BEGIN, _END = "<!-- grid: {} -->", "<!-- end grid: {} -->"
@@ -173,6 +177,38 @@ def _shown(path) -> str:
     return Path(os.path.abspath(path) if rel.startswith("..") else rel).as_posix()
 
 
+def reliability_figures(out_dir: str | os.PathLike, results: Sequence[dict], *,
+                        methods: Sequence[str] = FIGURE_METHODS) -> dict[str, tuple[Path, int]]:
+    """Per training set, reliability diagrams (bars over counts) of ``methods`` side by side on its own test
+    questions, for the lowest seed at which most of them finished: ``<out_dir>/<train>.reliability.png``.
+
+    :returns: ``{train set: (figure path, seed)}`` (sets where fewer than two of ``methods`` share a seed with
+        saved predictions are left out).
+
+    Example::
+
+        reliability_figures("bench/results_reference", load_results("bench/results_reference"))
+    """
+    out_dir = Path(out_dir)
+    runs = {(r["dataset"], r["method"], r["seed"]): r for r in results if r["method"] in methods and (
+        out_dir / f"{r['dataset']}.{r['method']}.seed{r['seed']}" / "predictions.safetensors").exists()}
+    written = {}
+    for ds in dict.fromkeys(d for d, _, _ in runs):
+        seeds = sorted({s for d, _, s in runs if d == ds})
+        seed = max(seeds, key=lambda s: (sum((ds, m, s) in runs for m in methods), -s))
+        have = [m for m in methods if (ds, m, seed) in runs]
+        if len(have) < 2:
+            continue
+        panels = {}
+        for m in have:
+            saved = load_file(str(out_dir / f"{ds}.{m}.seed{seed}" / "predictions.safetensors"))
+            panels[m] = {ds: (saved[f"{ds}.mean_probs"], saved[f"{ds}.labels"])}
+        path = out_dir / f"{ds}.reliability.png"
+        reliability_panels(panels, path, title=f"{ds}, seed {seed}: reliability on its test questions")
+        written[ds] = (path, seed)
+    return written
+
+
 def write_tables(out_dir: Path, results: list[dict], grid: GridConfig | None = None,
                  report: str | os.PathLike | None = None) -> list[dict]:
     """Write the grid's tables (``results.md``, ``results.csv``, ``ece_vs_acc.png`` in ``out_dir``) and, with
@@ -201,15 +237,23 @@ def write_tables(out_dir: Path, results: list[dict], grid: GridConfig | None = N
                   "its posterior median beside the averaged `ece` / `nll` (what the Bayesian average adds). Blank: "
                   "not recorded (runs before the posterior was recorded, or no guide).\n\n"
                   + format_table(diag, columns=list(DIAGNOSTIC_COLUMNS)) + "\n")
+    figures = reliability_figures(out_dir, results)
+
+    def figure_links(where) -> str:  # links relative to the folder of the file they are written into
+        return "" if not figures else (
+            "\nReliability diagrams (bars: accuracy per confidence bin, red: the over-confident gap; below: how "
+            "many answers fall in each bin): " + ", ".join(
+                f"[{ds}, seed {seed}]({Path(os.path.relpath(path, where)).as_posix()})"
+                for ds, (path, seed) in figures.items()) + ".\n")
     if report is not None and grid is not None:
         cmd = (f"scalabl-pyro benchmark --config {_shown(out_dir / 'grid.json')} --out {_shown(out_dir)} "
                f"--report {_shown(report)}")
         write_grid_section(report, out_dir, f"## {grid.title or 'Grid: ' + grid.budget()}\n\n"
                            f"{report_header(grid, results)}\n\nRegenerate (resumes; finished runs are skipped):"
-                           f"\n\n```\n{cmd}\n```\n\n{table}")
+                           f"\n\n```\n{cmd}\n```\n\n{table}{figure_links(Path(report).parent)}")
     if not rows:
         return rows
-    atomic_write_text(out_dir / "results.md", table)
+    atomic_write_text(out_dir / "results.md", table + figure_links(out_dir))
     buf = _io.StringIO()
     w = csv.DictWriter(buf, fieldnames=cols)
     w.writeheader()
