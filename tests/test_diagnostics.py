@@ -52,6 +52,8 @@ def test_run_diagnostics_by_hand(tmp_path):
     mle, sb = rows["mle"], rows["scalabl"]
     assert set(mle) == set(DIAGNOSTIC_COLUMNS)
     assert (mle["acc"], mle["conf"], mle["gap"]) == ("0.500", "0.750", "+0.250")
+    assert mle["auroc_ok"] == "0.750"  # right answers at 0.9 and 0.7, wrong at 0.8 and 0.6: 3 of 4 pairs ordered
+    assert sb["auroc_ok"] == "0.625"  # (0.5 for all-tied confidences + 0.75) / 2
     assert mle["mi"] == mle["kl_end"] == mle["rel_noise"] == mle["ece_point"] == ""  # no guide: blank
     assert sb["seeds"] == 2 and sb["conf"] == "0.625" and sb["gap"] == "+0.125"  # (0.5 + 0.75) / 2 - 0.5
     assert sb["mi"] == "0.03"  # (0.02 + 0.04) / 2: every sampled run has it

@@ -2,8 +2,10 @@
 
 :func:`run_diagnostics` gives one row per (training set, method), means over the finished seeds, on the
 training set's own test questions: the mean top probability (``conf``) and its gap to the accuracy (``gap``
-> 0: over-confident), read from each run's ``predictions.safetensors``; the mutual information of a sampled
-method's samples; and, for the methods with a guide, what the run recorded about its posterior (``result.json``'s ``history`` and
+> 0: over-confident), read from each run's ``predictions.safetensors``, and how well the confidence ranks the
+answers (``auroc_ok``: the AUROC of the top probability for telling right answers from wrong ones, which a
+temperature changes little: it keeps each question's ranking of the classes and rescales all questions
+alike); the mutual information of a sampled method's samples; and, for the methods with a guide, what the run recorded about its posterior (``result.json``'s ``history`` and
 ``point_metrics``, written since December 2026): the KL term per example at the end and how much it still
 moved over the last fifth of training, the relative noise a posterior draw puts on ``s`` (median over modules
 of std / mean ``|s|``), how far ``|s|`` moved from the prior's mean, and the ECE and NLL of the same model at its
@@ -19,10 +21,12 @@ from typing import Sequence
 
 from safetensors.torch import load_file
 
+from ..metrics import ood_auroc
+
 __all__ = ["run_diagnostics", "DIAGNOSTIC_COLUMNS", "kl_tail_change"]
 
 #: The columns of :func:`run_diagnostics`' rows, in table order.
-DIAGNOSTIC_COLUMNS = ("train", "method", "seeds", "acc", "conf", "gap", "mi", "kl_end", "kl_tail", "rel_noise",
+DIAGNOSTIC_COLUMNS = ("train", "method", "seeds", "acc", "conf", "gap", "auroc_ok", "mi", "kl_end", "kl_tail", "rel_noise",
                       "s_moved", "ece_point", "ece", "nll_point", "nll")
 
 
@@ -50,8 +54,12 @@ def _one(r: dict, folder: Path) -> dict:
     pred = folder / "predictions.safetensors"
     if pred.exists():
         probs = load_file(str(pred))[f"{ds}.mean_probs"]
-        out["conf"] = float(probs.max(-1).values.mean())
+        conf, guess = probs.max(-1)
+        out["conf"] = float(conf.mean())
         out["gap"] = out["conf"] - m["acc"]
+        right = guess == load_file(str(pred))[f"{ds}.labels"]
+        if 0 < int(right.sum()) < len(right):  # P(conf of a right answer > conf of a wrong one)
+            out["auroc_ok"] = ood_auroc(conf[~right], conf[right])
     if m.get("num_samples", 1) > 1:  # several samples or members: their disagreement
         out["mi"] = m.get("mean_mi", math.nan)
     h = r.get("history") or {}

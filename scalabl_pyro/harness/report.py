@@ -229,9 +229,10 @@ def write_tables(out_dir: Path, results: list[dict], grid: GridConfig | None = N
     diag = run_diagnostics(out_dir, _in_table_order(results))
     if any(row["conf"] or row["mi"] for row in diag):  # grids from before predictions were saved: nothing to add
         table += ("\nReading the runs, on each training set's own test questions (means over seeds): `conf` is the "
-                  "mean top probability and `gap` = conf - acc (> 0: over-confident), `mi` the mutual information of "
-                  "a sampled method's samples (nats). For the methods with a guide: `kl_end` the ELBO's KL term per training example at "
-                  "the end and `kl_tail` its change over the last fifth of training, `rel_noise` the median over "
+                  "mean top probability and `gap` = conf - acc (> 0: over-confident), `auroc_ok` how well that "
+                  "confidence tells right answers from wrong ones (AUROC; a temperature changes it little), `mi` "
+                  "the mutual information of a sampled method's samples (nats). For the methods with a guide: "
+                  "`kl_end` the ELBO's KL term per training example at the end and `kl_tail` its change over the last fifth of training, `rel_noise` the median over "
                   "modules of posterior std / mean |s| (how random a posterior draw of the adapter is), `s_moved` "
                   "the median of mean |s| / the prior's mean |s|, and `ece_point` / `nll_point` the same model at "
                   "its posterior median beside the averaged `ece` / `nll` (what the Bayesian average adds). Blank: "
