@@ -53,11 +53,11 @@ def _one(r: dict, folder: Path) -> dict:
     out = {"acc": m["acc"], "ece": m["ece"], "nll": m["nll"]}
     pred = folder / "predictions.safetensors"
     if pred.exists():
-        probs = load_file(str(pred))[f"{ds}.mean_probs"]
-        conf, guess = probs.max(-1)
+        saved = load_file(str(pred))
+        conf, guess = saved[f"{ds}.mean_probs"].max(-1)
         out["conf"] = float(conf.mean())
         out["gap"] = out["conf"] - m["acc"]
-        right = guess == load_file(str(pred))[f"{ds}.labels"]
+        right = guess == saved[f"{ds}.labels"]
         if 0 < int(right.sum()) < len(right):  # P(conf of a right answer > conf of a wrong one)
             out["auroc_ok"] = ood_auroc(conf[~right], conf[right])
     if m.get("num_samples", 1) > 1:  # several samples or members: their disagreement
