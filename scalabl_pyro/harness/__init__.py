@@ -4,7 +4,8 @@
   (local JSONL under ``../shared/data`` or the hub), :mod:`~scalabl_pyro.harness.userdata` (your own
   ``.jsonl``/``.csv``), :mod:`~scalabl_pyro.harness.tasks` (the embedded countries task);
 * :mod:`~scalabl_pyro.harness.methods`: every method of the benchmark behind :func:`train_method`;
-* :mod:`~scalabl_pyro.harness.experiment`: grids, the demo, reports (:mod:`~scalabl_pyro.harness.paired`,
+* :mod:`~scalabl_pyro.harness.experiment`: grids, the demo, reports (:mod:`~scalabl_pyro.harness.runs`: where a
+  run's files live; :mod:`~scalabl_pyro.harness.paired`, :mod:`~scalabl_pyro.harness.diagnostics`,
   :mod:`~scalabl_pyro.harness.report`);
 * :mod:`~scalabl_pyro.harness.cli`: the ``scalabl-pyro`` command.
 

@@ -17,9 +17,10 @@ from safetensors.torch import load_file
 
 from .._utils import atomic_write_json, atomic_write_text
 from ..metrics import format_table, heldout_curves_plot, reliability_panels
-from .experiment import DEMO_METHODS, METRIC_KEYS, GridConfig, backbone_factory, load_results, resolve_task, run_dir, run_grid
+from .experiment import DEMO_METHODS, METRIC_KEYS, GridConfig, backbone_factory, load_results, resolve_task, run_grid
 from .methods import resolve_prior
 from .paired import paired_differences
+from .runs import PREDICTIONS_FILE, run_dir
 
 __all__ = ["demo", "demo_grid", "compare_guides", "DEMO_METHODS", "DEMO_PRIOR", "DEMO_STEPS", "DEMO_GUIDE_LR",
            "DEMO_CURVE_EVERY"]
@@ -118,7 +119,7 @@ def demo(out_dir, *, grid: GridConfig | None = None, progress: bool = True, over
     cols = ["eval", "method", "n", *METRIC_KEYS, "auroc_entropy", "auroc_mi", "extra_params"]
     table = format_table(rows, columns=cols)
     dataset, seed = grid.datasets[0], grid.seeds[0]
-    saved = {(m, k): load_file(str(run_dir(out_dir, dataset, m, k) / "predictions.safetensors"))
+    saved = {(m, k): load_file(str(run_dir(out_dir, dataset, m, k) / PREDICTIONS_FILE))
              for m in grid.methods for k in grid.seeds}
     evals = (dataset, *grid.ood.get(dataset, []))
     reliability_panels({ev: {m: (saved[m, seed][f"{ev}.mean_probs"], saved[m, seed][f"{ev}.labels"])

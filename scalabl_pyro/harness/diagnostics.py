@@ -19,15 +19,18 @@ from pathlib import Path
 from statistics import mean, median
 from typing import Sequence
 
-from safetensors.torch import load_file
-
 from ..metrics import ood_auroc
+from .runs import load_predictions
 
 __all__ = ["run_diagnostics", "DIAGNOSTIC_COLUMNS", "kl_tail_change"]
 
 #: The columns of :func:`run_diagnostics`' rows, in table order.
 DIAGNOSTIC_COLUMNS = ("train", "method", "seeds", "acc", "conf", "gap", "auroc_ok", "mi", "kl_end", "kl_tail", "rel_noise",
                       "s_moved", "ece_point", "ece", "nll_point", "nll")
+
+
+#: How a column's mean is written (default ``{:.3f}``).
+_FORMATS = {"gap": "{:+.3f}", "kl_tail": "{:+.0%}", "kl_end": "{:.3g}", "mi": "{:.3g}"}
 
 
 def kl_tail_change(kls: Sequence[float], *, tail: float = 0.2) -> float:
@@ -46,14 +49,13 @@ def kl_tail_change(kls: Sequence[float], *, tail: float = 0.2) -> float:
     return (b - a) / max(abs(a), 1e-12)
 
 
-def _one(r: dict, folder: Path) -> dict:
+def _one(r: dict, out_dir: Path) -> dict:
     """The diagnostics of one run (keys of :data:`DIAGNOSTIC_COLUMNS`; absent where the run has no record)."""
     ds = r["dataset"]
     m = r["metrics"][ds]
     out = {"acc": m["acc"], "ece": m["ece"], "nll": m["nll"]}
-    pred = folder / "predictions.safetensors"
-    if pred.exists():
-        saved = load_file(str(pred))
+    saved = load_predictions(out_dir, r)
+    if saved is not None:
         conf, guess = saved[f"{ds}.mean_probs"].max(-1)
         out["conf"] = float(conf.mean())
         out["gap"] = out["conf"] - m["acc"]
@@ -94,15 +96,12 @@ def run_diagnostics(out_dir: str | os.PathLike, results: Sequence[dict]) -> list
     out_dir = Path(out_dir)
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in results:
-        folder = out_dir / f"{r['dataset']}.{r['method']}.seed{r['seed']}"
-        groups.setdefault((r["dataset"], r["method"]), []).append(_one(r, folder))
+        groups.setdefault((r["dataset"], r["method"]), []).append(_one(r, out_dir))
     rows = []
     for (ds, method), runs in groups.items():
         row = {"train": ds, "method": method, "seeds": len(runs)}
         for k in DIAGNOSTIC_COLUMNS[3:]:
             vals = [x[k] for x in runs if k in x and math.isfinite(x[k])]
-            row[k] = "" if not vals else (f"{mean(vals):+.0%}" if k == "kl_tail" else f"{mean(vals):+.3f}"
-                                          if k == "gap" else f"{mean(vals):.3g}" if k in ("kl_end", "mi") else
-                                          f"{mean(vals):.3f}")
+            row[k] = _FORMATS.get(k, "{:.3f}").format(mean(vals)) if vals else ""
         rows.append(row)
     return rows

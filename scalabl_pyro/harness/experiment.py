@@ -33,6 +33,7 @@ from ..config import ScalaBLConfig, TrainConfig, _JsonConfig
 from ..convergence import HeldoutCurve
 from .data import TaskData, load_task
 from .report import METRIC_KEYS, summarize, write_tables
+from .runs import PREDICTIONS_FILE, run_dir
 from .methods import METHODS, NO_CALLBACK, PRIORS, train_method
 from ..metrics import ood_auroc, reliability_diagram
 from .tasks import country_task
@@ -183,11 +184,6 @@ def _label_words(tasks: Sequence[TaskData]) -> tuple[str, ...]:
     return tuple(words)
 
 
-def run_dir(out_dir, dataset: str, method: str, seed: int) -> Path:
-    """``<out_dir>/<dataset>.<method>.seed<k>``: one flat folder per run (its ``result.json`` marks it finished)."""
-    return Path(out_dir) / f"{dataset}.{method}.seed{seed}"
-
-
 def checkpoint_dir(out_dir, dataset: str, method: str, seed: int) -> Path:
     """``<out_dir>/.checkpoints/<dataset>.<method>.seed<k>``: where an unfinished run's training checkpoints."""
     return Path(out_dir) / ".checkpoints" / run_dir(out_dir, dataset, method, seed).name
@@ -277,7 +273,7 @@ def run_one(grid: GridConfig, method: str, dataset: str, seed: int, out_dir, *, 
     for name, pred in preds.items():
         tensors[f"{name}.mean_probs"] = pred.mean_probs.contiguous()
         tensors[f"{name}.labels"] = pred.labels.contiguous()
-    with atomic_path(folder / "predictions.safetensors") as tmp:
+    with atomic_path(folder / PREDICTIONS_FILE) as tmp:
         save_file(tensors, str(tmp))
     atomic_write_json(result_path, result)
     shutil.rmtree(ckpt_dir, ignore_errors=True)

@@ -200,6 +200,13 @@ def train_method(method: str, backbone_fn: Callable[[], tuple], train_examples: 
             resumed.append(res.resumed_from)
         return res
 
+    def held_out():  # ``(fit part, validation part)`` of the temperature methods: never the test split
+        return validation_split(train_examples, fraction=val_fraction, seed=train_config.seed)
+
+    def held_out_temperature(model, guide, val_part) -> float:  # T by NLL on the model average there
+        val = predict(model, guide, val_part, num_samples=num_samples, batch_size=8)
+        return fit_temperature(val.mean_probs, val.labels)
+
     def done(trained: Trained) -> Trained:
         trained.fit_seconds += earlier
         trained.resumed_from = resumed or None
@@ -227,11 +234,10 @@ def train_method(method: str, backbone_fn: Callable[[], tuple], train_examples: 
         lp = lora_parameter_count(net)
         return done(Trained(method, [model], None, num_samples, res.losses, time.perf_counter() - t0, 0, lp))
     if method == "temperature":
-        fit_part, val_part = validation_split(train_examples, fraction=val_fraction, seed=train_config.seed)
+        fit_part, val_part = held_out()
         model = LoRAModel(net_of(False), num_data=len(fit_part))
         res = fit_(model, None, fit_part, config=train_config, progress=progress, **ck, **cb(model))
-        val = predict(model, None, val_part, batch_size=8)
-        T = fit_temperature(val.mean_probs, val.labels)
+        T = held_out_temperature(model, None, val_part)
         lp = lora_parameter_count(model.net)
         return done(Trained(method, [model], None, 1, res.losses, time.perf_counter() - t0, 1, lp, temperature=T))
     if method == "ensemble":
@@ -260,19 +266,14 @@ def train_method(method: str, backbone_fn: Callable[[], tuple], train_examples: 
         model = ScalaBL(net := net_of(True), prior=resolve_prior(prior, net), num_data=n)
         g = AutoLaplaceApproximation(model, init_loc_fn=init_to_s0(model))
     else:
-        val_part = None
         if method == "scalabl_temperature":  # the split (and so the steps per epoch) of ``temperature``
-            train_examples, val_part = validation_split(train_examples, fraction=val_fraction,
-                                                        seed=train_config.seed)
+            train_examples, val_part = held_out()
         net = net_of(True)
         part = {"stochastic": last_layers(net, PARTIAL_LAYERS)} if method == "scalabl_last2" else {}
         model = ScalaBL(net, prior=resolve_prior(prior, net), num_data=len(train_examples), **part)
         g = make_guide(guide, model)
     res = fit_(model, g, train_examples, config=train_config, progress=progress, **ck, **cb(model, g))
-    T = None
-    if method == "scalabl_temperature":
-        val = predict(model, g, val_part, num_samples=num_samples, batch_size=8)
-        T = fit_temperature(val.mean_probs, val.labels)
+    T = held_out_temperature(model, g, val_part) if method == "scalabl_temperature" else None
     if method == "laplace":
         g = laplace_guide(model, g, train_examples, seed=train_config.seed)
     guide_params = sum(p.numel() for p in g.parameters()) + sum(b.numel() for b in g.buffers())

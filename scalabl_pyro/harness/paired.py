@@ -14,17 +14,13 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from safetensors.torch import load_file
 
 from ..metrics import paired_bootstrap
+from .runs import load_predictions, predictions_path
 
 __all__ = ["paired_differences", "METRICS"]
 
 METRICS = ("acc", "ece", "nll", "brier")
-
-
-def _run_folder(out_dir: Path, r: dict) -> Path:
-    return out_dir / f"{r['dataset']}.{r['method']}.seed{r['seed']}"
 
 
 def paired_differences(out_dir: str | os.PathLike, results: Sequence[dict], *, method: str = "scalabl",
@@ -51,11 +47,11 @@ def paired_differences(out_dir: str | os.PathLike, results: Sequence[dict], *, m
     for ds in dict.fromkeys(r["dataset"] for r in results):
         for base in against:
             seeds = sorted(s for (d, m, s) in runs if d == ds and m == method and (ds, base, s) in runs
-                           and all((_run_folder(out_dir, runs[ds, x, s]) / "predictions.safetensors").exists()
+                           and all(predictions_path(out_dir, runs[ds, x, s]).exists()
                                    for x in (method, base)))
             if not seeds:
                 continue
-            saved = {(m, s): load_file(str(_run_folder(out_dir, runs[ds, m, s]) / "predictions.safetensors"))
+            saved = {(m, s): load_predictions(out_dir, runs[ds, m, s])
                      for s in seeds for m in (method, base)}
             for ev in runs[ds, method, seeds[0]]["metrics"]:
                 labels = saved[method, seeds[0]][f"{ev}.labels"]

@@ -20,13 +20,12 @@ from pathlib import Path
 from statistics import mean, pstdev
 from typing import TYPE_CHECKING, Sequence
 
-from safetensors.torch import load_file
-
 from .._utils import atomic_write_text
 from ..metrics import ece_accuracy_plot, format_table, reliability_panels
 from .diagnostics import DIAGNOSTIC_COLUMNS, run_diagnostics
 from .methods import METHODS, PRIORS
 from .paired import paired_differences
+from .runs import load_predictions, predictions_path
 
 if TYPE_CHECKING:  # the grid's config lives above this module (experiment imports report)
     from .experiment import GridConfig
@@ -190,8 +189,8 @@ def reliability_figures(out_dir: str | os.PathLike, results: Sequence[dict], *,
         reliability_figures("bench/results_reference", load_results("bench/results_reference"))
     """
     out_dir = Path(out_dir)
-    runs = {(r["dataset"], r["method"], r["seed"]): r for r in results if r["method"] in methods and (
-        out_dir / f"{r['dataset']}.{r['method']}.seed{r['seed']}" / "predictions.safetensors").exists()}
+    runs = {(r["dataset"], r["method"], r["seed"]): r for r in results
+            if r["method"] in methods and predictions_path(out_dir, r).exists()}
     written = {}
     for ds in dict.fromkeys(d for d, _, _ in runs):
         seeds = sorted({s for d, _, s in runs if d == ds})
@@ -201,7 +200,7 @@ def reliability_figures(out_dir: str | os.PathLike, results: Sequence[dict], *,
             continue
         panels = {}
         for m in have:
-            saved = load_file(str(out_dir / f"{ds}.{m}.seed{seed}" / "predictions.safetensors"))
+            saved = load_predictions(out_dir, runs[ds, m, seed])
             panels[m] = {ds: (saved[f"{ds}.mean_probs"], saved[f"{ds}.labels"])}
         path = out_dir / f"{ds}.reliability.png"
         reliability_panels(panels, path, title=f"{ds}, seed {seed}: reliability on its test questions")
