@@ -24,6 +24,7 @@ from .io import RunExistsError, export_peft, load_run, save_run
 from .layers import SITE_PREFIX, Subspace, add_lora, site_name
 from .metrics import (
     classification_metrics,
+    confidence_auroc,
     format_table,
     heldout_curves_plot,
     ood_auroc,
@@ -52,7 +53,7 @@ __all__ = [
     "DeviceTrace_ELBO", "FusedAdamW", "FusedPyroOptim", "LAYOUTS", "LayerScalePrior", "MODULES_PLATE",
     "LoRAModel", "ParamStoreConflictError", "Prediction", "RunExistsError", "SITE_PREFIX", "ScalaBL", "ScalaBLConfig",
     "Subspace", "TaskData", "TrainConfig", "add_lora", "apply_temperature", "available_datasets", "calibrate",
-    "centered_prior", "char_tokenizer", "check_fresh_guide", "classification_metrics", "count_parameters",
+    "centered_prior", "char_tokenizer", "check_fresh_guide", "classification_metrics", "confidence_auroc", "count_parameters",
     "autonormal_elbo_loss", "autonormal_path_applies", "country_task", "default_guide", "elbo_loss", "empty_guide", "export_peft", "fit", "fit_temperature", "format_table",
     "guide_spec", "heldout_curves_plot", "init_to_s0", "isotropic_normal", "laplace_posterior", "laplace_prior", "last_layers", "load_backbone", "load_run",
     "load_task", "load_user_task", "make_elbo", "make_guide", "make_optimizer", "normalize_prior", "ood_auroc", "random_llm",

@@ -7,6 +7,7 @@ directly (no global backend switch) and written atomically.
 """
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -21,7 +22,7 @@ from torchmetrics.functional.classification import binary_auroc, multiclass_cali
 
 from ._utils import atomic_path
 
-__all__ = ["classification_metrics", "paired_bootstrap", "calibration_bins", "uncertainty_decomposition", "ood_auroc",
+__all__ = ["classification_metrics", "confidence_auroc", "paired_bootstrap", "calibration_bins", "uncertainty_decomposition", "ood_auroc",
            "reliability_diagram", "reliability_panels", "ece_accuracy_plot", "heldout_curves_plot", "format_table"]
 
 
@@ -113,6 +114,28 @@ def classification_metrics(probs: Tensor, labels: Tensor, *, n_bins: int = 15) -
     }
 
 
+def confidence_auroc(probs: Tensor, labels: Tensor) -> float:
+    """How well the top probability tells right answers from wrong ones (AUROC; 0.5: not at all).
+
+    The chance that a right answer gets a higher top probability than a wrong one (ties count half): the
+    ranking a user relies on to abstain on the least confident questions. A temperature rescales the
+    confidences but keeps their order, so it leaves this number unchanged; a posterior average can change it.
+
+    :param probs: (N, C) class probabilities. :param labels: (N,) true classes.
+    :returns: the AUROC in [0, 1], or ``nan`` when every answer is right or every answer is wrong.
+
+    Example::
+
+        confidence_auroc(torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.7, 0.3]]), torch.tensor([0, 1, 0]))  # 1.0
+    """
+    p, labels = _check(probs, labels)
+    conf, guess = p.max(1)
+    right = guess == labels
+    if bool(right.all()) or not bool(right.any()):
+        return math.nan
+    return ood_auroc(conf[~right], conf[right])
+
+
 def paired_bootstrap(probs_a: Tensor, probs_b: Tensor, labels: Tensor, *, num_resamples: int = 1000,
                      level: float = 0.95, n_bins: int = 15, seed: int = 0) -> dict[str, tuple[float, float, float]]:
     """Difference ``metric(a) - metric(b)`` of two models on the same questions, with a bootstrap interval.
@@ -124,7 +147,9 @@ def paired_bootstrap(probs_a: Tensor, probs_b: Tensor, labels: Tensor, *, num_re
     :param probs_a: (N, C) class probabilities of model a, or (K, N, C) for K runs (e.g. seeds) on the
         same N questions: each metric is then averaged over the K runs before taking the difference.
     :param probs_b: same shape as ``probs_a``. :param labels: (N,) true classes.
-    :returns: ``{"acc"|"ece"|"nll"|"brier": (difference, low, high)}``, the percentile interval at ``level``.
+    :returns: ``{"acc"|"ece"|"nll"|"brier"|"auroc_ok": (difference, low, high)}``, the percentile interval at
+        ``level``; ``auroc_ok`` is :func:`confidence_auroc` (higher is better; resamples where it is undefined,
+        all answers right or all wrong, are left out of its interval, and it is ``nan`` if undefined on the full set).
 
     Example::
 
@@ -137,11 +162,14 @@ def paired_bootstrap(probs_a: Tensor, probs_b: Tensor, labels: Tensor, *, num_re
                          f"shape (N, C) or (K, N, C) with N = len(labels) = {labels.shape[0]}")
     if not 0 < level < 1 or num_resamples < 1:
         raise ValueError(f"level={level!r} must be in (0, 1) and num_resamples={num_resamples!r} >= 1")
-    keys = ("acc", "ece", "nll", "brier")
+    keys = ("acc", "ece", "nll", "brier", "auroc_ok")
+
+    def one(x: Tensor, y: Tensor) -> dict[str, float]:
+        return {**classification_metrics(x, y, n_bins=n_bins), "auroc_ok": confidence_auroc(x, y)}
 
     def diff(idx: Tensor) -> Tensor:
-        ma = [classification_metrics(x[idx], labels[idx], n_bins=n_bins) for x in a]
-        mb = [classification_metrics(x[idx], labels[idx], n_bins=n_bins) for x in b]
+        ma = [one(x[idx], labels[idx]) for x in a]
+        mb = [one(x[idx], labels[idx]) for x in b]
         return torch.tensor([sum(m[k] for m in ma) / len(ma) - sum(m[k] for m in mb) / len(mb) for k in keys])
 
     N = labels.shape[0]
@@ -149,7 +177,7 @@ def paired_bootstrap(probs_a: Tensor, probs_b: Tensor, labels: Tensor, *, num_re
     full = diff(torch.arange(N))
     boot = torch.stack([diff(torch.randint(N, (N,), generator=g)) for _ in range(num_resamples)]).double()
     q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
-    lo, hi = torch.quantile(boot, q, dim=0)
+    lo, hi = torch.nanquantile(boot, q, dim=0)
     return {k: (float(full[i]), float(lo[i]), float(hi[i])) for i, k in enumerate(keys)}
 
 

@@ -229,7 +229,7 @@ def test_grid_tables_give_paired_differences_against_lora_and_temperature(tmp_pa
     from safetensors.torch import load_file
 
     from scalabl_pyro.harness import paired_differences
-    from scalabl_pyro.metrics import classification_metrics
+    from scalabl_pyro.metrics import classification_metrics, confidence_auroc
 
     grid = tiny_grid(methods=("mle", "temperature", "scalabl", "scalabl_temperature"), seeds=(0, 1), train_limit=10,
                      ood={})
@@ -237,14 +237,18 @@ def test_grid_tables_give_paired_differences_against_lora_and_temperature(tmp_pa
     run_grid(grid, tmp_path, progress=False, only={"methods": ["temperature", "scalabl_temperature"], "seeds": [1]})
     rows = paired_differences(tmp_path, load_results(tmp_path))
     assert [(r["pair"], r["seeds"]) for r in rows] == [("scalabl - mle", 2), ("scalabl - temperature", 1)]
-    ece = {}
+    ece, auroc = {}, {}
     for m, k in (("scalabl", 1), ("temperature", 1)):
         saved = load_file(str(run_dir(tmp_path, "countries", m, k) / "predictions.safetensors"))
         ece[m] = classification_metrics(saved["countries.mean_probs"], saved["countries.labels"])["ece"]
+        auroc[m] = confidence_auroc(saved["countries.mean_probs"], saved["countries.labels"])
     v, lo, hi = rows[1]["ece_diff"]
     assert v == pytest.approx(ece["scalabl"] - ece["temperature"], abs=1e-6) and lo <= v <= hi
+    v = rows[1]["auroc_ok_diff"][0]  # the ranking of right vs wrong answers, nan where all are right (or wrong)
+    assert v == pytest.approx(auroc["scalabl"] - auroc["temperature"], abs=1e-6, nan_ok=True)
     text = (tmp_path / "results.md").read_text()
     assert "Paired differences, ScalaBL minus plain LoRA" in text and "| scalabl - temperature | 1 | 6 |" in text
+    assert "| auroc_ok |" in text.split("Paired differences")[1].split("\n\n")[1]  # the pairs' header
     for pair in ("scalabl_temperature - scalabl", "scalabl_temperature - temperature"):  # both remedies together
         assert f"| {pair} | 1 | 6 |" in text
     assert all(r["temperature"] > 0 for r in load_results(tmp_path) if r["method"].endswith("temperature"))

@@ -10,6 +10,7 @@ from torchmetrics.functional.classification import multiclass_calibration_error
 from scalabl_pyro.metrics import (
     calibration_bins,
     classification_metrics,
+    confidence_auroc,
     ece_accuracy_plot,
     format_table,
     ood_auroc,
@@ -247,16 +248,36 @@ def test_paired_bootstrap_difference_and_interval():
     nll_b = -(2 * math.log(0.6) + 2 * math.log(0.4)) / 4
     assert d["nll"][0] == pytest.approx(nll_a - nll_b)
     for k, (diff, lo, hi) in d.items():
-        assert lo <= hi, k
+        assert lo <= hi or k == "auroc_ok", k
     assert d["brier"][2] < 0  # a beats b on every question: every resample agrees
-    assert paired_bootstrap(a, b, labels, num_resamples=200, seed=1) == d  # seeded
+    again = paired_bootstrap(a, b, labels, num_resamples=200, seed=1)  # seeded (auroc_ok is nan: below)
+    assert {k: v for k, v in again.items() if k != "auroc_ok"} == {k: v for k, v in d.items() if k != "auroc_ok"}
     same = paired_bootstrap(a, a, labels, num_resamples=50)
-    assert all(v == (0.0, 0.0, 0.0) for v in same.values())
+    assert all(v == (0.0, 0.0, 0.0) for k, v in same.items() if k != "auroc_ok")
+    assert all(math.isnan(x) for x in d["auroc_ok"])  # a answers every question right: no ranking to judge
     # K runs on the same questions: metrics are averaged over runs before the difference
     two = paired_bootstrap(torch.stack([a, b]), torch.stack([b, b]), labels, num_resamples=20)
     assert two["acc"][0] == pytest.approx(0.25)
     with pytest.raises(ValueError, match="same shape"):
         paired_bootstrap(a, b[:3], labels)
+
+
+def test_confidence_auroc_ranks_right_answers_above_wrong_ones_by_hand():
+    labels = torch.tensor([0, 0, 0, 0])
+    # a: right answers at confidence .9, .8, wrong ones at .7, .6 -> every pair ordered: 1.0
+    a = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.4, 0.6]])
+    # b: right at .6, .7, wrong at .65, .9 -> only (.7 > .65) of the 4 pairs: 0.25
+    b = torch.tensor([[0.6, 0.4], [0.7, 0.3], [0.35, 0.65], [0.1, 0.9]])
+    assert confidence_auroc(a, labels) == pytest.approx(1.0)
+    assert confidence_auroc(b, labels) == pytest.approx(0.25)
+    tie = torch.tensor([[0.7, 0.3], [0.3, 0.7]])  # right and wrong at the same confidence: half
+    assert confidence_auroc(tie, torch.tensor([0, 0])) == pytest.approx(0.5)
+    # a temperature keeps the order of the confidences: the AUROC does not move
+    assert confidence_auroc(torch.softmax(b.log() / 3, -1), labels) == pytest.approx(0.25)
+    assert math.isnan(confidence_auroc(a, a.argmax(1)))  # all right: undefined
+    d = paired_bootstrap(a, b, labels, num_resamples=200, seed=0)
+    v, lo, hi = d["auroc_ok"]
+    assert v == pytest.approx(0.75) and lo <= v <= hi
 
 
 def test_reliability_panels_show_the_bins_of_every_method_and_evaluation(tmp_path):

@@ -19,7 +19,7 @@ from pathlib import Path
 from statistics import mean, median
 from typing import Sequence
 
-from ..metrics import ood_auroc
+from ..metrics import confidence_auroc
 from .runs import load_predictions
 
 __all__ = ["run_diagnostics", "DIAGNOSTIC_COLUMNS", "kl_tail_change"]
@@ -56,12 +56,12 @@ def _one(r: dict, out_dir: Path) -> dict:
     out = {"acc": m["acc"], "ece": m["ece"], "nll": m["nll"]}
     saved = load_predictions(out_dir, r)
     if saved is not None:
-        conf, guess = saved[f"{ds}.mean_probs"].max(-1)
-        out["conf"] = float(conf.mean())
+        probs, labels = saved[f"{ds}.mean_probs"], saved[f"{ds}.labels"]
+        out["conf"] = float(probs.max(-1).values.mean())
         out["gap"] = out["conf"] - m["acc"]
-        right = guess == saved[f"{ds}.labels"]
-        if 0 < int(right.sum()) < len(right):  # P(conf of a right answer > conf of a wrong one)
-            out["auroc_ok"] = ood_auroc(conf[~right], conf[right])
+        auroc = confidence_auroc(probs, labels)  # P(conf of a right answer > conf of a wrong one)
+        if not math.isnan(auroc):
+            out["auroc_ok"] = auroc
     if m.get("num_samples", 1) > 1:  # several samples or members: their disagreement
         out["mi"] = m.get("mean_mi", math.nan)
     h = r.get("history") or {}

@@ -4,11 +4,14 @@ Every run of a grid saves its averaged predictive on each evaluation set (``pred
 ``<eval>.mean_probs`` (N, C) and ``<eval>.labels`` (N,)). Two methods trained on the same data set and
 evaluated on the same questions are compared question by question: :func:`paired_differences` stacks the
 seeds both have finished, and :func:`~scalabl_pyro.metrics.paired_bootstrap` gives ``metric(a) - metric(b)``
-averaged over those seeds with a 95% interval from resampling the questions (the same indices for both).
+averaged over those seeds with a 95% interval from resampling the questions (the same indices for both), for
+accuracy, ECE, NLL, Brier and ``auroc_ok`` (:func:`~scalabl_pyro.metrics.confidence_auroc`: how well the
+confidence ranks right answers above wrong ones, which a temperature cannot change).
 An interval that holds 0 is a difference within the noise of the test set.
 """
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Sequence
@@ -20,7 +23,7 @@ from .runs import load_predictions, predictions_path
 
 __all__ = ["paired_differences", "METRICS"]
 
-METRICS = ("acc", "ece", "nll", "brier")
+METRICS = ("acc", "ece", "nll", "brier", "auroc_ok")
 
 
 def paired_differences(out_dir: str | os.PathLike, results: Sequence[dict], *, method: str = "scalabl",
@@ -66,6 +69,7 @@ def paired_differences(out_dir: str | os.PathLike, results: Sequence[dict], *, m
                 for k in METRICS:
                     v, lo, hi = d[k]
                     row[f"{k}_diff"] = (v, lo, hi)
-                    row[k] = f"{v:+.3f} [{lo:+.3f}, {hi:+.3f}]" + (" *" if lo > 0 or hi < 0 else "")
+                    row[k] = ("" if math.isnan(v) else  # auroc_ok with every answer right (or wrong)
+                              f"{v:+.3f} [{lo:+.3f}, {hi:+.3f}]" + (" *" if lo > 0 or hi < 0 else ""))
                 rows.append(row)
     return rows

@@ -223,8 +223,10 @@ def write_tables(out_dir: Path, results: list[dict], grid: GridConfig | None = N
         table += ("\nPaired differences, ScalaBL minus plain LoRA (`mle`) and minus temperature scaling (and, where "
                   "it ran, ScalaBL with a temperature minus each remedy alone), per metric averaged over the seeds "
                   "both finished, with a 95% paired bootstrap interval over the test "
-                  "questions (`*`: the interval excludes 0; lower is better for ECE, NLL and Brier):\n\n"
-                  + format_table(pairs, columns=["train", "eval", "pair", "seeds", "n", *METRIC_KEYS]) + "\n")
+                  "questions (`*`: the interval excludes 0; lower is better for ECE, NLL and Brier, higher for "
+                  "`auroc_ok`, how well the confidence ranks right answers above wrong ones):\n\n"
+                  + format_table(pairs, columns=["train", "eval", "pair", "seeds", "n", *METRIC_KEYS, "auroc_ok"])
+                  + "\n")
     diag = run_diagnostics(out_dir, _in_table_order(results))
     if any(row["conf"] or row["mi"] for row in diag):  # grids from before predictions were saved: nothing to add
         table += ("\nReading the runs, on each training set's own test questions (means over seeds): `conf` is the "
