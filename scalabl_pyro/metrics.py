@@ -118,8 +118,9 @@ def confidence_auroc(probs: Tensor, labels: Tensor) -> float:
     """How well the top probability tells right answers from wrong ones (AUROC; 0.5: not at all).
 
     The chance that a right answer gets a higher top probability than a wrong one (ties count half): the
-    ranking a user relies on to abstain on the least confident questions. A temperature rescales the
-    confidences but keeps their order, so it leaves this number unchanged; a posterior average can change it.
+    ranking a user relies on to abstain on the least confident questions. With two classes a temperature keeps
+    the order of the top probabilities and so leaves this number unchanged; with more classes it can reorder
+    questions whose other probabilities differ, and changes it a little. A posterior average can change it more.
 
     :param probs: (N, C) class probabilities. :param labels: (N,) true classes.
     :returns: the AUROC in [0, 1], or ``nan`` when every answer is right or every answer is wrong.

@@ -272,7 +272,7 @@ def test_confidence_auroc_ranks_right_answers_above_wrong_ones_by_hand():
     assert confidence_auroc(b, labels) == pytest.approx(0.25)
     tie = torch.tensor([[0.7, 0.3], [0.3, 0.7]])  # right and wrong at the same confidence: half
     assert confidence_auroc(tie, torch.tensor([0, 0])) == pytest.approx(0.5)
-    # a temperature keeps the order of the confidences: the AUROC does not move
+    # with two classes a temperature keeps the order of the confidences: the AUROC does not move
     assert confidence_auroc(torch.softmax(b.log() / 3, -1), labels) == pytest.approx(0.25)
     assert math.isnan(confidence_auroc(a, a.argmax(1)))  # all right: undefined
     d = paired_bootstrap(a, b, labels, num_resamples=200, seed=0)

@@ -6,7 +6,7 @@ evaluated on the same questions are compared question by question: :func:`paired
 seeds both have finished, and :func:`~scalabl_pyro.metrics.paired_bootstrap` gives ``metric(a) - metric(b)``
 averaged over those seeds with a 95% interval from resampling the questions (the same indices for both), for
 accuracy, ECE, NLL, Brier and ``auroc_ok`` (:func:`~scalabl_pyro.metrics.confidence_auroc`: how well the
-confidence ranks right answers above wrong ones, which a temperature cannot change).
+confidence ranks right answers above wrong ones, which a temperature changes little).
 An interval that holds 0 is a difference within the noise of the test set.
 """
 from __future__ import annotations
