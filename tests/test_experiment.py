@@ -252,6 +252,19 @@ def test_grid_tables_give_paired_differences_against_lora_and_temperature(tmp_pa
     for pair in ("scalabl_temperature - scalabl", "scalabl_temperature - temperature"):  # both remedies together
         assert f"| {pair} | 1 | 6 |" in text
     assert all(r["temperature"] > 0 for r in load_results(tmp_path) if r["method"].endswith("temperature"))
+    # the temperature methods also keep their predictions' metrics before T: the saved (tempered) average,
+    # untempered by hand (softmax of T * log p), gives them back, and ScalaBL's samples keep their MI there
+    from scalabl_pyro.harness.diagnostics import run_diagnostics
+    r = next(r for r in load_results(tmp_path) if r["method"] == "scalabl_temperature")
+    saved = load_file(str(run_dir(tmp_path, "countries", "scalabl_temperature", 1) / "predictions.safetensors"))
+    import torch
+    raw = torch.softmax(r["temperature"] * saved["countries.mean_probs"].double().log(), -1)
+    before = r["untempered_metrics"]["countries"]
+    assert classification_metrics(raw, saved["countries.labels"])["nll"] == pytest.approx(before["nll"], abs=1e-4)
+    assert before["num_samples"] == 3 and before["mean_mi"] > 0 and r["metrics"]["countries"]["mean_mi"] == 0
+    diag = {d["method"]: d for d in run_diagnostics(tmp_path, load_results(tmp_path))}
+    assert diag["scalabl_temperature"]["mi"] == f"{before['mean_mi']:.3g}"  # the table's text
+    assert next(r for r in load_results(tmp_path) if r["method"] == "mle")["untempered_metrics"] is None
     # reliability figure per training set: the seed where most of mle/temperature/scalabl/scalabl_temperature ran
     assert "[countries, seed 1](countries.reliability.png)" in text
     assert (tmp_path / "countries.reliability.png").read_bytes()[:4] == b"\x89PNG"

@@ -5,7 +5,8 @@ training set's own test questions: the mean top probability (``conf``) and its g
 > 0: over-confident), read from each run's ``predictions.safetensors``, and how well the confidence ranks the
 answers (``auroc_ok``: the AUROC of the top probability for telling right answers from wrong ones, which a
 temperature changes little: it keeps each question's ranking of the classes and rescales all questions
-alike); the mutual information of a sampled method's samples; and, for the methods with a guide, what the run recorded about its posterior (``result.json``'s ``history`` and
+alike); the mutual information of a sampled method's samples (before the temperature of ``scalabl_temperature``,
+from ``untempered_metrics``); and, for the methods with a guide, what the run recorded about its posterior (``result.json``'s ``history`` and
 ``point_metrics``, written since December 2026): the KL term per example at the end and how much it still
 moved over the last fifth of training, the relative noise a posterior draw puts on ``s`` (median over modules
 of std / mean ``|s|``), how far ``|s|`` moved from the prior's mean, and the ECE and NLL of the same model at its
@@ -62,8 +63,9 @@ def _one(r: dict, out_dir: Path) -> dict:
         auroc = confidence_auroc(probs, labels)  # P(conf of a right answer > conf of a wrong one)
         if not math.isnan(auroc):
             out["auroc_ok"] = auroc
-    if m.get("num_samples", 1) > 1:  # several samples or members: their disagreement
-        out["mi"] = m.get("mean_mi", math.nan)
+    raw = (r.get("untempered_metrics") or {}).get(ds, m)  # before a temperature, which keeps one sample
+    if raw.get("num_samples", 1) > 1:  # several samples or members: their disagreement
+        out["mi"] = raw.get("mean_mi", math.nan)
     h = r.get("history") or {}
     if h.get("kl"):
         out["kl_end"] = h["kl"][-1]

@@ -239,12 +239,14 @@ def run_one(grid: GridConfig, method: str, dataset: str, seed: int, out_dir, *, 
     except CheckpointMismatchError as e:
         raise CheckpointMismatchError(f"{folder.name}: its checkpoint in {ckpt_dir} comes from another run ({e}); "
                                       "delete that folder to train this run afresh, or pass --overwrite") from e
-    metrics, preds = {}, {}
+    metrics, preds, untempered = {}, {}, {}
     t0 = time.perf_counter()
     for name, task in evals.items():
-        pred = trained.predict(list(task.examples), progress=progress)
-        preds[name] = pred
+        raw = trained.predict(list(task.examples), progress=progress, tempered=False)
+        preds[name] = pred = trained.temper(raw)
         metrics[name] = {**pred.metrics(), "note": task.note}
+        if pred is not raw:  # a temperature method: its model average before T (and a sampled one's MI)
+            untempered[name] = raw.metrics()
     point = trained.predict_point(list(evals[dataset].examples))  # the posterior median alone (in distribution)
     eval_seconds = time.perf_counter() - t0
     ind = preds[dataset]
@@ -262,6 +264,7 @@ def run_one(grid: GridConfig, method: str, dataset: str, seed: int, out_dir, *, 
         "history": trained.history or None, "metrics": metrics,
         "point_metrics": {dataset: point.metrics()} if point is not None else None,
         "temperature": trained.temperature,  # T fitted on held-out training data (temperature methods), else None
+        "untempered_metrics": untempered or None,  # the temperature methods' predictions before T
         "curve": curves[-1].records if curves else None,
         "date": datetime.date.today().isoformat(),
         "hardware": _hardware(device),

@@ -94,7 +94,18 @@ class Trained:
     # and the final ``posterior`` per site (:func:`~scalabl_pyro.posterior.posterior_scales`)
 
     def predict(self, examples: Sequence, *, num_samples: int | None = None, batch_size: int = 8,
-                progress: bool = False) -> Prediction:
+                progress: bool = False, tempered: bool = True) -> Prediction:
+        """Predictions on ``examples`` (``S`` samples or members); ``tempered=False`` leaves out the fitted
+        temperature of the ``temperature`` methods (:meth:`temper` adds it afterwards)."""
+        pred = self._predict(examples, num_samples=num_samples, batch_size=batch_size, progress=progress)
+        return self.temper(pred) if tempered else pred
+
+    def temper(self, pred: Prediction) -> Prediction:
+        """``pred`` tempered by this run's fitted ``temperature`` (its model average, one sample); ``pred``
+        itself for the methods without one."""
+        return pred if self.temperature is None else TemperatureScaled.from_prediction(pred, self.temperature)
+
+    def _predict(self, examples: Sequence, *, num_samples: int | None, batch_size: int, progress: bool) -> Prediction:
         S = num_samples or self.num_samples
         if self.method == "mcdropout":
             return predict_mc_dropout(self.models[0].net, examples, num_samples=S, batch_size=batch_size)
@@ -102,8 +113,7 @@ class Trained:
             preds = [predict(m, None, examples, batch_size=batch_size) for m in self.models]
             return Prediction(torch.cat([p.sample_probs for p in preds]), preds[0].labels, preds[0].ids)
         guide = self.guide if self.models[0].latent_sites else None
-        pred = predict(self.models[0], guide, examples, num_samples=S, batch_size=batch_size, progress=progress)
-        return pred if self.temperature is None else TemperatureScaled.from_prediction(pred, self.temperature)
+        return predict(self.models[0], guide, examples, num_samples=S, batch_size=batch_size, progress=progress)
 
     def predict_point(self, examples: Sequence, *, batch_size: int = 8) -> Prediction | None:
         """The model at its guide's posterior median (:func:`~scalabl_pyro.predictive.point_guide`), one pass;
