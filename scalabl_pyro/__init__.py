@@ -35,7 +35,7 @@ from .metrics import (
 )
 from .model import LAYOUTS, MODULES_PLATE, LoRAModel, ParamStoreConflictError, ScalaBL, count_parameters, register_adapters
 from .optim import DeviceTrace_ELBO, FusedAdamW, FusedPyroOptim, autonormal_elbo_loss, autonormal_path_applies, elbo_loss
-from .posterior import plot_posterior_scales, posterior_scales
+from .posterior import adapter_norms, plot_posterior_scales, posterior_scales
 from .predictive import Prediction, point_guide, predict
 from .priors import (LayerScalePrior, centered_prior, isotropic_normal, laplace_prior, normalize_prior, prior_from_spec,
                      prior_to_spec, stack_priors, student_t_prior)
@@ -52,7 +52,7 @@ __all__ = [
     "AdaptedLM", "CheckpointMismatchError", "ConvergenceWarning", "DEFAULT_BACKBONE", "Example", "FitResult", "GUIDES", "HeldoutCurve",
     "DeviceTrace_ELBO", "FusedAdamW", "FusedPyroOptim", "LAYOUTS", "LayerScalePrior", "MODULES_PLATE",
     "LoRAModel", "ParamStoreConflictError", "Prediction", "RunExistsError", "SITE_PREFIX", "ScalaBL", "ScalaBLConfig",
-    "Subspace", "TaskData", "TrainConfig", "add_lora", "apply_temperature", "available_datasets", "calibrate",
+    "Subspace", "TaskData", "TrainConfig", "adapter_norms", "add_lora", "apply_temperature", "available_datasets", "calibrate",
     "centered_prior", "char_tokenizer", "check_fresh_guide", "classification_metrics", "confidence_auroc", "count_parameters",
     "autonormal_elbo_loss", "autonormal_path_applies", "country_task", "default_guide", "elbo_loss", "empty_guide", "export_peft", "fit", "fit_temperature", "format_table",
     "guide_spec", "heldout_curves_plot", "init_to_s0", "isotropic_normal", "laplace_posterior", "laplace_prior", "last_layers", "load_backbone", "load_run",

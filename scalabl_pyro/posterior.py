@@ -2,10 +2,12 @@
 
 :func:`posterior_scales` draws samples from any guide and reports, per ``s`` site, the posterior
 standard deviation and mean ``|s|`` (means over the ``r`` coordinates) next to the prior's; :func:`plot_posterior_scales`
-draws them as bars in module order.
+draws them as bars in module order. :func:`adapter_norms` gives the size of each module's learned projections
+``B`` and ``V`` beside it: the other half of the ``B``/``s`` scale trade-off.
 """
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -14,7 +16,7 @@ from pyro.infer import Predictive
 
 from ._utils import atomic_path
 
-__all__ = ["posterior_scales", "plot_posterior_scales"]
+__all__ = ["posterior_scales", "adapter_norms", "plot_posterior_scales"]
 
 
 def posterior_scales(model, guide, batch, *, num_samples: int = 200,
@@ -52,6 +54,39 @@ def posterior_scales(model, guide, batch, *, num_samples: int = 200,
             s = v.reshape(num_samples, -1)
             out[name] = {"mean_abs": float(s.mean(0).abs().mean()), "std": float(s.std(0).mean()),
                          "prior_mean_abs": prior_mean[k], "prior_std": prior_std[k]}
+    return out
+
+
+def adapter_norms(net) -> dict[str, dict[str, float]]:
+    """Per adapted module, the Frobenius norms of its learned projections and of its update at ``s0``.
+
+    ``{site: {"B_norm", "V_norm", "update_norm"}}`` in module order: ``B`` (out, r), ``V`` (r, in) and the
+    update ``B diag(s0) V`` (out, in) before peft's ``alpha / r`` scaling, computed from the two r x r Gram
+    matrices (``||B D V||^2 = sum_ij (B^T B)_ij s_i s_j (V V^T)_ij``), so ``lm_head``'s vocab x hidden update is
+    never formed. Beside :func:`posterior_scales` it tells a module whose posterior stayed at the prior but
+    whose ``B`` shrank (its adapter switched off rather than made random) from one that kept a large update.
+    BLoB's modules (``A`` latent, no ``V``) give ``V_norm`` and ``update_norm`` as ``nan``.
+
+    :param net: an :class:`~scalabl_pyro.scoring.AdaptedLM` built with ``subspace=True``.
+
+    Example::
+
+        adapter_norms(model.net)["lora.lm_head.s"]["B_norm"]
+    """
+    sub = getattr(net, "subspace", None)
+    if sub is None:
+        raise ValueError("adapter_norms needs an AdaptedLM built with subspace=True (ScalaBL or BLoB)")
+    out = {}
+    with torch.no_grad():
+        for site, v in sub.sites.items():
+            B = v.lora_B.weight.detach().double()
+            row = {"B_norm": float(B.norm()), "V_norm": math.nan, "update_norm": math.nan}
+            if sub.latent == "s":
+                V, s0 = v.lora_A.weight.detach().double(), v.s0.detach().double().to(B.device)
+                gram = (B.T @ B) * (V @ V.T).to(B.device)
+                row["V_norm"] = float(V.norm())
+                row["update_norm"] = float((s0 @ gram @ s0).clamp_min(0).sqrt())
+            out[site] = row
     return out
 
 

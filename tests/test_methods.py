@@ -142,6 +142,7 @@ def test_scalabl_temperature_tempers_the_model_average_with_T_from_held_out_trai
     torch.testing.assert_close(pred.mean_probs, apply_temperature(raw.mean_probs, t.temperature))
     assert t.extra_params == 2 * 4 * 5 + 1  # loc and scale of r per module, and T
     assert t.history["posterior"] and t.predict_point(exs[:2]).sample_probs.shape == (1, 2, 3)
+    assert list(t.history["adapters"]) == list(t.models[0].net.subspace.sites)  # B, V and update sizes per module
 
 
 def test_validation_split_errors():

@@ -60,3 +60,26 @@ def test_plot_posterior_scales_writes_a_png(make_net, examples, tmp_path):
     path = plot_posterior_scales(posterior_scales(model, default_guide(model), batch, num_samples=20, seed=0),
                                  tmp_path / "scales.png", title="t")
     assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_adapter_norms_match_the_formed_update(make_net):
+    from scalabl_pyro.posterior import adapter_norms
+
+    net = make_net("letter")
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # peft starts B at 0: give it values so the update is not trivially 0
+        for v in net.subspace.sites.values():
+            v.lora_B.weight.copy_(torch.randn(v.lora_B.weight.shape, generator=g))
+    out = adapter_norms(net)
+    assert list(out) == list(net.subspace.s0)  # module order
+    for site, v in net.subspace.sites.items():
+        B, V = v.lora_B.weight.detach().double(), v.lora_A.weight.detach().double()
+        update = B @ torch.diag(v.s0.double()) @ V  # (out, in), formed here only
+        assert out[site]["B_norm"] == pytest.approx(float(B.norm()), rel=1e-9)
+        assert out[site]["V_norm"] == pytest.approx(float(V.norm()), rel=1e-9)
+        assert out[site]["update_norm"] == pytest.approx(float(update.norm()), rel=1e-6)
+    # BLoB: A is the latent, there is no V and no fixed update
+    blob = adapter_norms(make_net("letter", subspace="A"))
+    assert all(math.isnan(r["V_norm"]) and math.isnan(r["update_norm"]) and r["B_norm"] == 0 for r in blob.values())
+    with pytest.raises(ValueError, match="subspace=True"):
+        adapter_norms(make_net("letter", subspace=False))

@@ -49,7 +49,7 @@ from ..config import ScalaBLConfig, TrainConfig
 from ..guides import init_to_s0, make_guide
 from ..io import RunExistsError, load_run, save_run
 from ..model import LoRAModel, ScalaBL
-from ..posterior import posterior_scales
+from ..posterior import adapter_norms, posterior_scales
 from ..predictive import Prediction, point_guide, predict
 from ..priors import centered_prior, isotropic_normal
 from ..scoring import AdaptedLM
@@ -91,7 +91,8 @@ class Trained:
     temperature: float | None = None  # ``temperature``, ``scalabl_temperature``: T fitted on held-out training data
     resumed_from: list | None = None  # the checkpoint step(s) training resumed from (None: trained from step 0)
     history: dict = field(default_factory=dict)  # if a guide: fit's monitoring (FitResult.monitor_steps / kl / scale)
-    # and the final ``posterior`` per site (:func:`~scalabl_pyro.posterior.posterior_scales`)
+    # and the final ``posterior`` and ``adapters`` per site (:func:`~scalabl_pyro.posterior.posterior_scales`,
+    # :func:`~scalabl_pyro.posterior.adapter_norms`)
 
     def predict(self, examples: Sequence, *, num_samples: int | None = None, batch_size: int = 8,
                 progress: bool = False, tempered: bool = True) -> Prediction:
@@ -292,7 +293,8 @@ def train_method(method: str, backbone_fn: Callable[[], tuple], train_examples: 
     extra = trainable + guide_params - lp + (T is not None)
     batch = model.net.collate(list(train_examples[:2]))  # the guide reads only the shapes
     history = {"monitor_steps": res.monitor_steps, "kl": res.kl, "scale": res.scale,
-               "posterior": posterior_scales(model, g, batch, seed=train_config.seed)}
+               "posterior": posterior_scales(model, g, batch, seed=train_config.seed),
+               "adapters": adapter_norms(model.net)}
     return done(Trained(method, [model], g, num_samples, res.losses, time.perf_counter() - t0, extra, lp,
                         temperature=T, history=history))
 
