@@ -30,7 +30,7 @@ import torch
 
 from scalabl_pyro._utils import atomic_write_json
 from scalabl_pyro.harness.experiment import GridConfig, backbone_factory, resolve_task
-from scalabl_pyro.harness.methods import PRIORS, train_method
+from scalabl_pyro.harness.methods import describe_prior, train_method
 
 
 def holdout(examples, *, fraction: float, seed: int = 0, group=lambda e: e.id):
@@ -68,7 +68,7 @@ def validate(method: str, grid: GridConfig, fit_set, val_set, words, device: str
                            config=grid.model_config(), train_config=grid.train_config(),
                            num_samples=grid.num_samples, prior=grid.prior, progress=False)
     pred = trained.predict(val_set, progress=False)
-    row = {"method": method, "steps": grid.steps, "prior": PRIORS[grid.prior], "guide_lr": grid.guide_lr,
+    row = {"method": method, "steps": grid.steps, "prior": describe_prior(grid.prior), "guide_lr": grid.guide_lr,
            "kl_anneal": grid.kl_anneal, "n_fit": len(fit_set), **pred.metrics(),
            "epochs": round(grid.steps * grid.batch_size / len(fit_set), 1),
            "mean_conf": pred.mean_probs.max(-1).values.mean().item(), "seconds": round(time.perf_counter() - t0, 1)}
@@ -84,7 +84,8 @@ def main(argv=None) -> None:
     p.add_argument("--val-fraction", type=float, default=0.25)
     p.add_argument("--grid", default="bench/grid_cpu.json", help="grid config giving every other setting")
     p.add_argument("--backbone", default=None, help="override the grid's backbone (e.g. tiny)")
-    p.add_argument("--prior", default=None, choices=sorted(PRIORS), help="ScalaBL's prior (default: the grid's)")
+    p.add_argument("--prior", default=None, help="ScalaBL's prior: 's0' or 'normal', optionally ':<scale>' "
+                   "('s0:0.3'; default: the grid's)")
     p.add_argument("--guide-lr", type=float, default=None, help="ScalaBL's guide learning rate (default: the grid's)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="bench/budget")
@@ -104,7 +105,7 @@ def main(argv=None) -> None:
     out = Path(a.out)
     for steps in (int(x) for x in a.steps.split(",")):
         for method in ("mle", "scalabl"):
-            tag = f".prior_{grid.prior}" if method == "scalabl" and grid.prior != "normal" else ""
+            tag = f".prior_{grid.prior.replace(':', '_')}" if method == "scalabl" and grid.prior != "normal" else ""
             tag += f".guide_lr{grid.guide_lr:g}" if method == "scalabl" and grid.guide_lr != glr0 else ""
             path = out / f"{a.dataset}.{method}{tag}.steps{steps}.json"
             if path.exists():

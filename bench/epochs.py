@@ -31,14 +31,14 @@ from budget import guide_stats, holdout, twin_pair
 from scalabl_pyro._utils import atomic_write_json
 from scalabl_pyro.convergence import HeldoutCurve
 from scalabl_pyro.harness.experiment import GridConfig, backbone_factory, resolve_task
-from scalabl_pyro.harness.methods import PRIORS, train_method
+from scalabl_pyro.harness.methods import describe_prior, train_method
 from scalabl_pyro.metrics import heldout_curves_plot
 
 
 def tag_of(method: str, grid: GridConfig) -> str:
     if method not in ("scalabl", "blob", "scalabl_bayesadapt"):
         return method
-    return f"{method}.prior_{grid.prior}.guide_lr{grid.guide_lr:g}"
+    return f"{method}.prior_{grid.prior.replace(':', '_')}.guide_lr{grid.guide_lr:g}"  # s0:0.3 -> prior_s0_0.3
 
 
 def run(method: str, grid: GridConfig, fit_set, val_set, words, *, out: Path, ckpt: Path, dataset: str,
@@ -70,7 +70,7 @@ def run(method: str, grid: GridConfig, fit_set, val_set, words, *, out: Path, ck
     metrics = {**pred.metrics(), "mean_conf": float(pred.mean_probs.max(-1).values.mean())}
     row = {"method": method, "tag": tag, "dataset": dataset, "steps": grid.steps, "batch_size": grid.batch_size,
            "lr": grid.lr, "n_fit": n_fit, "n_val": len(val_set),
-           **({"guide_lr": grid.guide_lr, "prior": PRIORS[grid.prior]} if tag != method else {}),
+           **({"guide_lr": grid.guide_lr, "prior": describe_prior(grid.prior)} if tag != method else {}),
            "epochs": round(grid.steps * grid.batch_size / n_fit, 2), **metrics,
            "temperature": trained.temperature, "curve": curve.records,
            "history": trained.history, "seconds": round(time.perf_counter() - t0, 1),
@@ -89,7 +89,7 @@ def main(argv=None) -> None:
     p.add_argument("--val-fraction", type=float, default=0.25)
     p.add_argument("--grid", default="bench/grid_cpu.json", help="grid config giving every other setting")
     p.add_argument("--backbone", default=None, help="override the grid's backbone (e.g. tiny)")
-    p.add_argument("--prior", default="s0", choices=sorted(PRIORS), help="ScalaBL's prior")
+    p.add_argument("--prior", default="s0", help="ScalaBL's prior: 's0' or 'normal', optionally ':<scale>' ('s0:0.3')")
     p.add_argument("--guide-lr", type=float, default=0.05, help="ScalaBL's guide learning rate")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="bench/epochs")

@@ -147,6 +147,8 @@ def test_benchmark_only_flags_run_a_subset(tmp_path):
     (["demo", "--scoring", "choice", "--steps", "0"], "steps"),
     (["demo", "--seeds", "0,x"], "give integers separated by commas"),
     (["demo", "--device", "gpu0"], "is not a device"),
+    (["demo", "--prior", "s0:-1"], "optionally with ':<scale>'"),
+    (["train", "--prior", "laplace"], "allowed are 's0'"),
 ])
 def test_bad_input_is_a_clear_error(argv, message, tmp_path, capsys):
     code = main([*argv, "--out", str(tmp_path / "x"), "--quiet"]) if argv[0] != "evaluate" else main(argv)

@@ -57,9 +57,30 @@ def test_named_prior_s0_centres_the_prior_at_the_start(method, data):
     for site, info in model.net.subspace.sites.items():
         d = model.prior(site, info.layer, info.event_shape)
         torch.testing.assert_close(d.base_dist.loc, info.s0)
+        torch.testing.assert_close(d.base_dist.scale, torch.ones_like(info.s0))
         assert d.event_shape == info.s0.shape
-    with pytest.raises(ValueError, match="named priors are 's0'"):
+    with pytest.raises(ValueError, match="allowed are 's0'"):
         train_method(method, tiny_llama, train, label_words=("A", "B", "C", "D"), prior="flat", progress=False)
+
+
+@pytest.mark.parametrize("name, loc_is_s0, scale", [("s0:0.3", True, 0.3), ("normal:2", False, 2.0),
+                                                     ("normal", False, 1.0)])
+def test_named_prior_with_a_scale(name, loc_is_s0, scale, make_net):
+    from scalabl_pyro.harness.methods import describe_prior, parse_prior, resolve_prior
+
+    net = make_net("letter")
+    prior = resolve_prior(name, net)
+    for site, info in net.subspace.sites.items():
+        d = prior[site] if isinstance(prior, dict) else prior(site, info.layer)  # centered_prior: a dict by site
+        d = d.base_dist if hasattr(d, "base_dist") else d
+        loc = torch.broadcast_to(torch.as_tensor(d.loc, dtype=torch.float32), info.s0.shape)
+        torch.testing.assert_close(loc, info.s0 if loc_is_s0 else torch.zeros_like(info.s0))
+        torch.testing.assert_close(torch.broadcast_to(torch.as_tensor(d.scale, dtype=torch.float32), info.s0.shape),
+                                   torch.full_like(info.s0, scale))
+    assert parse_prior(name)[1] == scale and describe_prior(name).endswith(f", {scale:g})")
+    for bad in ("s0:0", "s0:-1", "s0:x", "s0:nan", "flat:1"):
+        with pytest.raises(ValueError, match="':<scale>'"):
+            parse_prior(bad)
 
 
 def test_unknown_method():

@@ -40,6 +40,17 @@ VERB_OPTIONS = {
 }
 
 
+def _prior_name(text: str) -> str:
+    """``--prior``: a prior name (:func:`~scalabl_pyro.harness.methods.parse_prior`), checked before any run."""
+    from .methods import parse_prior
+
+    try:
+        parse_prior(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def _option(p: argparse.ArgumentParser, key: str, verb: str) -> None:
     spec = {
         "backbone": dict(metavar="NAME", help="'smollm2' (the embedded SmolLM2-135M-Instruct; default), 'tiny' "
@@ -53,8 +64,9 @@ def _option(p: argparse.ArgumentParser, key: str, verb: str) -> None:
                                                          "0.05, chosen on validation: bench/README.md)"),
         "kl_anneal": dict(type=float, metavar="F", help="ramp the KL weight from 0 to 1 over this fraction of the "
                                                         "steps, 0..1 (Bayesian methods; default 0)"),
-        "prior": dict(choices=("normal", "s0"), help="prior of s: 's0' = Normal(s0, 1), centred where the guide "
-                      "starts (default, chosen on validation: bench/README.md), 'normal' = Normal(0, 1)"),
+        "prior": dict(type=_prior_name, metavar="PRIOR", help="prior of s: 's0' = Normal(s0, 1), centred where the "
+                      "guide starts (default, chosen on validation: bench/README.md), 'normal' = Normal(0, 1); "
+                      "':<scale>' sets another standard deviation, e.g. 's0:0.3'"),
         "scoring": dict(choices=("letter", "choice"), help="'choice': log-likelihood of each choice's text "
                         "(default); 'letter': logits of the answer letters after 'Answer:'"),
         "normalize": dict(choices=("none", "tokens", "chars"), help="choice scoring only: 'none' sums the "
@@ -160,14 +172,14 @@ def _check_label_words(task, run_words, scoring: str, dataset: str) -> None:
 # ------------------------------------------------------------------------------------------- commands
 def cmd_demo(args) -> int:
     from .demo import demo, demo_grid
-    from .methods import PRIORS
+    from .methods import describe_prior
 
     _check_normalize(args, args.scoring or "choice", args.normalize)
     grid = demo_grid(**_grid_overrides(args))
     table = demo(args.out, grid=grid, progress=not args.quiet, overwrite=args.overwrite, device=args.device or "auto")
     print(f"\nScalaBL vs plain LoRA on the embedded countries task ({grid.backbone}, {grid.scoring} scoring, "
           f"{grid.budget()}, guide lr {grid.guide_lr:g}, {grid.num_samples} posterior samples, prior "
-          f"{PRIORS[grid.prior]})\n")
+          f"{describe_prior(grid.prior)})\n")
     print(table)
     out = Path(args.out)
     pics = ", ".join(str(out / f) for f in ("reliability.png", "curves.png") if (out / f).exists())

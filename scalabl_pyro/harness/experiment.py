@@ -34,7 +34,7 @@ from ..convergence import HeldoutCurve
 from .data import TaskData, load_task
 from .report import METRIC_KEYS, summarize, write_tables
 from .runs import PREDICTIONS_FILE, run_dir
-from .methods import METHODS, NO_CALLBACK, PRIORS, train_method
+from .methods import METHODS, NO_CALLBACK, parse_prior, train_method
 from ..metrics import ood_auroc, reliability_diagram
 from .tasks import country_task
 
@@ -81,7 +81,8 @@ class GridConfig(_JsonConfig):
     :param kl_anneal: :attr:`TrainConfig.kl_anneal` of the Bayesian methods (KL weight ramped from 0 to 1 over
         this fraction of the steps).
     :param prior: prior of the Bayesian methods: ``"s0"`` (``Normal(s0, 1)``, :func:`~scalabl_pyro.priors.centered_prior`,
-        the default) or ``"normal"`` (``Normal(0, 1)``; ``bench/grid_cpu.json`` was run with it).
+        the default) or ``"normal"`` (``Normal(0, 1)``; ``bench/grid_cpu.json`` was run with it), either with
+        ``":<scale>"`` for another standard deviation (``"s0:0.3"``; :func:`~scalabl_pyro.harness.methods.parse_prior`).
     :param train_limit: cap on training examples (seeded subset); :param test_limit: cap per evaluation set.
     :param epochs: the training budget in passes over each run's training set (``steps = ceil(epochs * N /
         batch_size)``, :meth:`TrainConfig.from_epochs`), so data sets of different sizes train equally long; it
@@ -130,8 +131,7 @@ class GridConfig(_JsonConfig):
             raise ValueError(f"unknown methods {bad}; allowed: {list(METHODS)}")
         if not self.datasets or not self.seeds:
             raise ValueError("a grid needs at least one dataset and one seed")
-        if self.prior not in PRIORS:
-            raise ValueError(f"prior={self.prior!r}; allowed: {', '.join(map(repr, PRIORS))}")
+        parse_prior(self.prior)  # ValueError naming the allowed forms
         if self.epochs is not None:
             if isinstance(self.epochs, bool) or not isinstance(self.epochs, (int, float)) or not self.epochs > 0:
                 raise ValueError(f"epochs={self.epochs!r} must be a positive number (passes over the training set) "

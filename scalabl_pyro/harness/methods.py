@@ -25,6 +25,8 @@ Each method gets its own freshly loaded backbone from ``backbone_fn``.
 """
 from __future__ import annotations
 
+import math
+
 import dataclasses
 import json
 import os
@@ -149,14 +151,40 @@ def validation_split(examples: Sequence, *, fraction: float = 0.1, seed: int = 0
 PRIORS = {"normal": "Normal(0, 1)", "s0": "Normal(s0, 1)"}
 
 
+def parse_prior(name: str) -> tuple[str, float]:
+    """``(kind, scale)`` of a prior name: a key of :data:`PRIORS`, optionally with ``:<scale>`` for another
+    standard deviation (``"s0:0.3"`` is ``Normal(s0, 0.3)``, ``"normal:2"`` is ``Normal(0, 2)``).
+
+    :raises ValueError: naming the bad value and the allowed forms.
+
+    Example::
+
+        parse_prior("s0:0.3")  # ("s0", 0.3)
+    """
+    kind, _, scale = str(name).partition(":")
+    try:
+        value = float(scale) if scale else 1.0
+    except ValueError:
+        value = math.nan
+    if kind not in PRIORS or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"prior={name!r}: allowed are 's0' (Normal(s0, 1), ScalaBL's default) and 'normal' "
+                         "(Normal(0, 1)), each optionally with ':<scale>' for another positive standard deviation, "
+                         "e.g. 's0:0.3'")
+    return kind, value
+
+
+def describe_prior(name: str) -> str:
+    """``"Normal(s0, 0.3)"`` for ``"s0:0.3"`` (see :func:`parse_prior`)."""
+    kind, scale = parse_prior(name)
+    return f"Normal({'s0' if kind == 's0' else 0}, {scale:g})"
+
+
 def resolve_prior(prior, net: AdaptedLM):
-    """A prior by name (:data:`PRIORS`; ``"s0"`` needs ``net`` for its ``s0``) or any prior object, unchanged."""
+    """A prior by name (:func:`parse_prior`; ``"s0"`` needs ``net`` for its ``s0``) or any prior object, unchanged."""
     if not isinstance(prior, str):
         return prior
-    if prior not in PRIORS:
-        raise ValueError(f"prior={prior!r}: the named priors are 's0' (Normal(s0, 1), ScalaBL's default) and "
-                         f"'normal' (Normal(0, 1)); or pass a prior object")
-    return centered_prior(net.subspace.s0) if prior == "s0" else isotropic_normal(1.0)
+    kind, scale = parse_prior(prior)
+    return centered_prior(net.subspace.s0, scale=scale) if kind == "s0" else isotropic_normal(scale)
 
 
 def train_method(method: str, backbone_fn: Callable[[], tuple], train_examples: Sequence, *, label_words,
@@ -171,7 +199,7 @@ def train_method(method: str, backbone_fn: Callable[[], tuple], train_examples: 
     :param guide: autoguide name for ``scalabl``/``blob`` (see :data:`~scalabl_pyro.guides.GUIDES`).
     :param prior: any prior form of :func:`~scalabl_pyro.priors.normalize_prior` (default: the model's, ``Normal(s0, 1)`` for
         ScalaBL, ``Normal(0, 1)`` for BLoB), or
-        a name from :data:`PRIORS`: ``"s0"`` is :func:`~scalabl_pyro.priors.centered_prior` at the net's ``s0``.
+        a name (:func:`parse_prior`: ``"s0"``, ``"normal"``, optionally ``":<scale>"``): ``"s0"`` is :func:`~scalabl_pyro.priors.centered_prior` at the net's ``s0``.
     :param val_fraction: ``temperature`` and ``scalabl_temperature``: the share of ``train_examples`` held out
         (seeded by ``train_config.seed``) to fit ``T`` on; the model trains on the rest. The test split is never used.
     :param make_callback: called as ``make_callback(model, guide)`` (``guide`` is ``None`` for the LoRA methods)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Sequence
 from .._utils import atomic_write_text
 from ..metrics import ece_accuracy_plot, format_table, reliability_panels
 from .diagnostics import DIAGNOSTIC_COLUMNS, run_diagnostics
-from .methods import METHODS, PRIORS
+from .methods import METHODS, describe_prior
 from .paired import paired_differences
 from .runs import load_predictions, predictions_path
 
@@ -156,7 +156,7 @@ def report_header(grid: GridConfig, results: Sequence[dict]) -> str:
         f"Backbone `{grid.backbone}`, `{grid.scoring}` scoring (normalize={grid.normalize}), LoRA r={grid.r} on "
         f"q_proj/v_proj/lm_head; {grid.budget()}, lr {grid.lr} (projections) / "
         f"{grid.guide_lr} (guide), KL annealed over {grid.kl_anneal:.0%} of the steps, prior "
-        f"{PRIORS[grid.prior]}, {grid.num_samples} posterior samples at test time.",
+        f"{describe_prior(grid.prior)}, {grid.num_samples} posterior samples at test time.",
         f"Training sets capped at {grid.train_limit or 'all'} examples, each evaluation set at "
         f"{grid.test_limit or 'all'} (seeded subsets). Seeds per cell: see `seeds`. ECE uses 15 equal-width bins.",
         f"Finished runs: {len(results)} of {len(grid.methods) * len(grid.datasets) * len(grid.seeds)} in the grid; "
