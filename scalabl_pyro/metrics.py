@@ -22,8 +22,8 @@ from torchmetrics.functional.classification import binary_auroc, multiclass_cali
 
 from ._utils import atomic_path
 
-__all__ = ["classification_metrics", "confidence_auroc", "paired_bootstrap", "calibration_bins", "uncertainty_decomposition", "ood_auroc",
-           "reliability_diagram", "reliability_panels", "ece_accuracy_plot", "heldout_curves_plot", "format_table"]
+__all__ = ["classification_metrics", "confidence_auroc", "paired_bootstrap", "calibration_bins",
+           "uncertainty_decomposition", "ood_auroc", "reliability_diagram", "reliability_panels", "ece_accuracy_plot", "heldout_curves_plot", "format_table"]
 
 
 def _check(probs: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:

@@ -6,9 +6,9 @@ training set's own test questions: the mean top probability (``conf``) and its g
 answers (``auroc_ok``: the AUROC of the top probability for telling right answers from wrong ones, which a
 temperature changes little: it keeps each question's ranking of the classes and rescales all questions
 alike); the mutual information of a sampled method's samples (before the temperature of ``scalabl_temperature``,
-from ``untempered_metrics``); and, for the methods with a guide, what the run recorded about its posterior (``result.json``'s ``history`` and
-``point_metrics``, written since December 2026): the KL term per example at the end and how much it still
-moved over the last fifth of training, the relative noise a posterior draw puts on ``s`` (median over modules
+from ``untempered_metrics``); and, for the methods with a guide, what the run recorded about its posterior
+(``result.json``'s ``history`` and ``point_metrics``, written since December 2026): the KL term per example at
+the end and how much it still moved over the last fifth of training, the relative noise a posterior draw puts on ``s`` (median over modules
 of std / mean ``|s|``), how far ``|s|`` moved from the prior's mean, and the ECE and NLL of the same model at its
 posterior median, which set beside the averaged ones show what the Bayesian average adds.
 """

@@ -199,7 +199,8 @@ def train_method(method: str, backbone_fn: Callable[[], tuple], train_examples: 
     :param guide: autoguide name for ``scalabl``/``blob`` (see :data:`~scalabl_pyro.guides.GUIDES`).
     :param prior: any prior form of :func:`~scalabl_pyro.priors.normalize_prior` (default: the model's, ``Normal(s0, 1)`` for
         ScalaBL, ``Normal(0, 1)`` for BLoB), or
-        a name (:func:`parse_prior`: ``"s0"``, ``"normal"``, optionally ``":<scale>"``): ``"s0"`` is :func:`~scalabl_pyro.priors.centered_prior` at the net's ``s0``.
+        a name (:func:`parse_prior`: ``"s0"``, ``"normal"``, optionally ``":<scale>"``): ``"s0"`` is
+        :func:`~scalabl_pyro.priors.centered_prior` at the net's ``s0``.
     :param val_fraction: ``temperature`` and ``scalabl_temperature``: the share of ``train_examples`` held out
         (seeded by ``train_config.seed``) to fit ``T`` on; the model trains on the rest. The test split is never used.
     :param make_callback: called as ``make_callback(model, guide)`` (``guide`` is ``None`` for the LoRA methods)
