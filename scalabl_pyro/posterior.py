@@ -15,6 +15,7 @@ import torch
 from pyro.infer import Predictive
 
 from ._utils import atomic_path
+from .distributed import full_tensor
 
 __all__ = ["posterior_scales", "adapter_norms", "plot_posterior_scales"]
 
@@ -79,21 +80,15 @@ def adapter_norms(net) -> dict[str, dict[str, float]]:
     out = {}
     with torch.no_grad():
         for site, v in sub.sites.items():
-            B = _full(v.lora_B.weight).double()
+            B = full_tensor(v.lora_B.weight.detach()).double()
             row = {"B_norm": float(B.norm()), "V_norm": math.nan, "update_norm": math.nan}
             if sub.latent == "s":
-                V, s0 = _full(v.lora_A.weight).double(), v.s0.detach().double().to(B.device)
+                V, s0 = full_tensor(v.lora_A.weight.detach()).double(), v.s0.detach().double().to(B.device)
                 gram = (B.T @ B) * (V @ V.T).to(B.device)
                 row["V_norm"] = float(V.norm())
                 row["update_norm"] = float((s0 @ gram @ s0).clamp_min(0).sqrt())
             out[site] = row
     return out
-
-
-def _full(weight: torch.Tensor) -> torch.Tensor:
-    """A parameter as one plain tensor: a sharded (FSDP2 ``DTensor``) one is gathered (every rank must call)."""
-    weight = weight.detach()
-    return weight.full_tensor() if hasattr(weight, "full_tensor") else weight
 
 
 def _prior_moment(model, site: str, moment: str, rows: int, f) -> list[float]:
