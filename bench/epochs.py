@@ -10,11 +10,20 @@ posterior-scale history) atomically, and ``<out>/<dataset>.curves.png`` (held-ou
 for every finished method). Runs checkpoint every epoch into ``--ckpt`` and resume there; a finished
 method is skipped.
 
+The budget is ``--steps``, or, when that is not given and the grid's budget is in epochs (e.g.
+``bench/grid_reference.json``), the grid's epochs over the fit set. ``--val-rest N`` validates instead on N
+seeded questions of the train split *outside* the grid's ``train_limit`` subset, so the fit set is exactly a
+grid run's training set (the reference regime) and validation is not limited to a slice of it (WinoGrande:
+a question whose twin is in the fit set is never used). ``--curve-every E``: a held-out point every E epochs
+(0: only the final evaluation, for studies that compare end points, e.g. prior scales).
+
 Usage::
 
     python bench/epochs.py --out bench/epochs                                  # WinoGrande-S, mle + scalabl
     python bench/epochs.py --out bench/epochs --methods scalabl --prior normal
     python bench/epochs.py --backbone tiny --steps 8 --dataset countries --out /tmp/epochs
+    python bench/epochs.py --dataset arc_easy --grid bench/grid_reference.json --val-rest 300 \
+        --curve-every 0 --methods scalabl --prior s0:0.3 --out bench/prior_study   # prior-scale study
 """
 from __future__ import annotations
 
@@ -22,6 +31,7 @@ import argparse
 import dataclasses
 import json
 import math
+import random
 import time
 from pathlib import Path
 
@@ -42,36 +52,40 @@ def tag_of(method: str, grid: GridConfig) -> str:
 
 
 def run(method: str, grid: GridConfig, fit_set, val_set, words, *, out: Path, ckpt: Path, dataset: str,
-        device: str) -> dict:
+        device: str, curve_every: float = 1.0, validation: str = "") -> dict:
     tag = tag_of(method, grid)
     path = out / f"{dataset}.{tag}.json"
     if path.exists():
         return json.loads(path.read_text())
     per_epoch = math.ceil(len(fit_set) / grid.batch_size)
     n_fit = len(fit_set)
+    train_config = grid.train_config(num_examples=n_fit)
+    steps = train_config.steps
     curves = {}
 
     def make_callback(model, guide):
         # temperature trains on 90% of fit_set; its epochs count over what it trains on
         num = n_fit if method != "temperature" else len(fit_set) - round(0.1 * len(fit_set))
-        curves["c"] = HeldoutCurve(model, guide, val_set, every=per_epoch, num_data=num, batch_size=grid.batch_size,
+        every = max(1, round(curve_every * per_epoch)) if curve_every > 0 else steps + 1  # 0: no point while training
+        curves["c"] = HeldoutCurve(model, guide, val_set, every=every, num_data=num, batch_size=grid.batch_size,
                                    num_samples=grid.num_samples, path=ckpt / f"{dataset}.{tag}.curve.json")
         return curves["c"]
 
     torch.manual_seed(0)
     t0 = time.perf_counter()
     trained = train_method(method, backbone_factory(grid.backbone, device), fit_set, label_words=words,
-                           config=grid.model_config(), train_config=grid.train_config(), num_samples=grid.num_samples,
+                           config=grid.model_config(), train_config=train_config, num_samples=grid.num_samples,
                            prior=grid.prior, progress=False, checkpoint_dir=ckpt / f"{dataset}.{tag}",
                            checkpoint_every=per_epoch, make_callback=make_callback)
     curve = curves["c"]
-    curve.record(grid.steps)  # the last point (temperature: of its LoRA model, before T)
+    if curve_every > 0:
+        curve.record(steps)  # the last point (temperature: of its LoRA model, before T)
     pred = trained.predict(val_set)
     metrics = {**pred.metrics(), "mean_conf": float(pred.mean_probs.max(-1).values.mean())}
-    row = {"method": method, "tag": tag, "dataset": dataset, "steps": grid.steps, "batch_size": grid.batch_size,
-           "lr": grid.lr, "n_fit": n_fit, "n_val": len(val_set),
+    row = {"method": method, "tag": tag, "dataset": dataset, "steps": steps, "batch_size": grid.batch_size,
+           "lr": grid.lr, "n_fit": n_fit, "n_val": len(val_set), "validation": validation,
            **({"guide_lr": grid.guide_lr, "prior": describe_prior(grid.prior)} if tag != method else {}),
-           "epochs": round(grid.steps * grid.batch_size / n_fit, 2), **metrics,
+           "epochs": round(steps * grid.batch_size / n_fit, 2), **metrics,
            "temperature": trained.temperature, "curve": curve.records,
            "history": trained.history, "seconds": round(time.perf_counter() - t0, 1),
            "date": time.strftime("%Y-%m-%d")}
@@ -85,8 +99,14 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", default="winogrande_s")
     p.add_argument("--methods", default="mle,scalabl")
-    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--steps", type=int, default=None,
+                   help="training steps (default: the grid's epochs over the fit set if its budget is in epochs, else 1000)")
     p.add_argument("--val-fraction", type=float, default=0.25)
+    p.add_argument("--val-rest", type=int, default=None,
+                   help="validate on this many questions of the train split outside the grid's train_limit subset "
+                        "(the fit set is then the whole subset) instead of a --val-fraction slice of it")
+    p.add_argument("--curve-every", type=float, default=1.0,
+                   help="epochs between held-out curve points (0: only the final evaluation)")
     p.add_argument("--grid", default="bench/grid_cpu.json", help="grid config giving every other setting")
     p.add_argument("--backbone", default=None, help="override the grid's backbone (e.g. tiny)")
     p.add_argument("--prior", default="s0", help="ScalaBL's prior: 's0' or 'normal', optionally ':<scale>' ('s0:0.3')")
@@ -96,17 +116,37 @@ def main(argv=None) -> None:
     p.add_argument("--ckpt", default=None, help="checkpoints and partial curves (default: <out>/ckpt, not committed)")
     a = p.parse_args(argv)
     grid = GridConfig.load(a.grid)
-    grid = dataclasses.replace(grid, steps=a.steps, prior=a.prior, guide_lr=a.guide_lr,
+    if a.curve_every < 0:
+        p.error(f"--curve-every {a.curve_every:g} must be >= 0 (epochs between curve points; 0: none)")
+    budget = ({"steps": a.steps, "epochs": None} if a.steps is not None
+              else {} if grid.epochs is not None else {"steps": 1000})
+    grid = dataclasses.replace(grid, prior=a.prior, guide_lr=a.guide_lr, **budget,
                                **({"backbone": a.backbone} if a.backbone else {}))
     train = resolve_task(a.dataset, "train", data_dir=grid.data_dir, limit=grid.train_limit, seed=0)
     group = twin_pair if a.dataset.startswith("winogrande") else (lambda e: e.id)
-    fit_set, val_set = holdout(list(train.examples), fraction=a.val_fraction, group=group)
+    if a.val_rest is None:
+        fit_set, val_set = holdout(list(train.examples), fraction=a.val_fraction, group=group)
+    else:
+        if grid.train_limit is None:
+            p.error("--val-rest needs a grid with a train_limit (the questions outside that subset validate); "
+                    "use --val-fraction with this grid")
+        fit_set = list(train.examples)
+        taken = {group(e) for e in fit_set}
+        full = resolve_task(a.dataset, "train", data_dir=grid.data_dir)
+        rest = [e for e in full.examples if group(e) not in taken]
+        if len(rest) < a.val_rest:
+            p.error(f"--val-rest {a.val_rest}: only {len(rest)} {a.dataset} train questions lie outside the "
+                    f"{len(fit_set)}-question subset; ask for at most {len(rest)}")
+        random.Random(f"val-rest:{a.dataset}").shuffle(rest)
+        val_set = rest[:a.val_rest]
+    validation = (f"{a.val_fraction:g} of the {grid.train_limit or 'full'}-question train subset" if a.val_rest is None
+                  else f"{a.val_rest} train questions outside the {len(fit_set)}-question subset")
     out = Path(a.out)
     ckpt = Path(a.ckpt) if a.ckpt else out / "ckpt"
     rows = {}
     for method in a.methods.split(","):
         row = run(method, grid, fit_set, val_set, train.label_words, out=out, ckpt=ckpt, dataset=a.dataset,
-                  device=a.device)
+                  device=a.device, curve_every=a.curve_every, validation=validation)
         rows[row["tag"]] = row
         print(f"{row['tag']:<32} {row['epochs']:>5.1f} ep  n_val {row['n_val']}  acc {row['acc']:.3f}  "
               f"ece {row['ece']:.3f}  nll {row['nll']:.3f}  brier {row['brier']:.3f}  conf {row['mean_conf']:.3f}  "
@@ -116,8 +156,10 @@ def main(argv=None) -> None:
                   f"conf {r['mean_conf']:.3f}  mi {r['mean_mi']:.4f}", flush=True)
     done = {json.loads(f.read_text())["tag"]: json.loads(f.read_text())["curve"]
             for f in sorted(out.glob(f"{a.dataset}.*.json"))}
-    heldout_curves_plot(done, out / f"{a.dataset}.curves.png",
-                        title=f"{a.dataset}: held-out (validation) calibration while training")
+    done = {tag: curve for tag, curve in done.items() if curve}  # --curve-every 0 runs have no curve
+    if done:
+            heldout_curves_plot(done, out / f"{a.dataset}.curves.png",
+                            title=f"{a.dataset}: held-out (validation) calibration while training")
 
 
 if __name__ == "__main__":
