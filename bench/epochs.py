@@ -7,8 +7,9 @@ trains each method for ``--steps`` on the rest and evaluates it on the held-out 
 (:class:`scalabl_pyro.convergence.HeldoutCurve`, forked RNG: the training trajectory is unchanged) and at
 the end. It writes, per method, ``<out>/<dataset>.<tag>.json`` (the curve, the final metrics, the fit's KL /
 posterior-scale history) atomically, and ``<out>/<dataset>.curves.png`` (held-out ECE and NLL against epochs
-for every finished method). Runs checkpoint every epoch into ``--ckpt`` and resume there; a finished
-method is skipped.
+for every finished method) and ``<out>/<dataset>.<tag>.predictions.safetensors`` (the validation
+predictive; ``--paired-against TAG`` prints every run minus one with paired bootstrap intervals). Runs
+checkpoint every epoch into ``--ckpt`` and resume there; a finished method is skipped.
 
 The budget is ``--steps``, or, when that is not given and the grid's budget is in epochs (e.g.
 ``bench/grid_reference.json``), the grid's epochs over the fit set. ``--val-rest N`` validates instead on N
@@ -36,13 +37,14 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from budget import guide_stats, holdout, twin_pair
-from scalabl_pyro._utils import atomic_write_json
+from scalabl_pyro._utils import atomic_path, atomic_write_json
 from scalabl_pyro.convergence import HeldoutCurve
 from scalabl_pyro.harness.experiment import GridConfig, backbone_factory, resolve_task
 from scalabl_pyro.harness.methods import describe_prior, train_method
-from scalabl_pyro.metrics import heldout_curves_plot
+from scalabl_pyro.metrics import heldout_curves_plot, paired_bootstrap
 
 
 def tag_of(method: str, grid: GridConfig) -> str:
@@ -91,8 +93,28 @@ def run(method: str, grid: GridConfig, fit_set, val_set, words, *, out: Path, ck
            "date": time.strftime("%Y-%m-%d")}
     if method == "scalabl":
         row.update(guide_stats(trained))
-    atomic_write_json(path, row)
+    with atomic_path(out / f"{dataset}.{tag}.predictions.safetensors") as tmp:  # for paired comparisons
+        save_file({"mean_probs": pred.mean_probs.contiguous(), "labels": pred.labels.contiguous()}, str(tmp))
+    atomic_write_json(path, row)  # written last: marks the run finished
     return row
+
+
+def paired_against(out: Path, dataset: str, reference: str) -> None:
+    """Print every finished run on ``dataset`` minus the run tagged ``reference``: 95% paired bootstrap over
+    the same validation questions (:func:`~scalabl_pyro.metrics.paired_bootstrap`)."""
+    def load(tag):
+        f = out / f"{dataset}.{tag}.predictions.safetensors"
+        return load_file(str(f)) if f.exists() else None
+    ref = load(reference)
+    if ref is None:
+        raise SystemExit(f"no predictions for {dataset}.{reference} in {out}: run it first (or check the tag)")
+    for f in sorted(out.glob(f"{dataset}.*.json")):
+        tag = json.loads(f.read_text())["tag"]
+        other = load(tag)
+        if tag == reference or other is None or not torch.equal(other["labels"], ref["labels"]):
+            continue
+        d = paired_bootstrap(other["mean_probs"], ref["mean_probs"], ref["labels"])
+        print(f"{tag} - {reference}: " + "  ".join(f"{k} {v[0]:+.3f} [{v[1]:+.3f}, {v[2]:+.3f}]" for k, v in d.items()))
 
 
 def main(argv=None) -> None:
@@ -114,7 +136,11 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="bench/epochs")
     p.add_argument("--ckpt", default=None, help="checkpoints and partial curves (default: <out>/ckpt, not committed)")
+    p.add_argument("--paired-against", default=None, metavar="TAG",
+                   help="train nothing: print each finished run minus the run TAG (paired bootstrap on the validation)")
     a = p.parse_args(argv)
+    if a.paired_against:
+        return paired_against(Path(a.out), a.dataset, a.paired_against)
     grid = GridConfig.load(a.grid)
     if a.curve_every < 0:
         p.error(f"--curve-every {a.curve_every:g} must be >= 0 (epochs between curve points; 0: none)")
