@@ -83,6 +83,13 @@ def check_convergence(scales: Sequence[float], kls: Sequence[float], *, loss: fl
         ``tail`` before by more than this fraction is still moving...
     :param loss: ...unless the change is below 1% of this (the loss per example at the end): a KL near 0 (a
         posterior close to its prior) may change by a large fraction and still not matter to the ELBO.
+
+    A KL that is still falling is a posterior moving towards its prior; the message then also says that where
+    it ends there, the prior's scale, chosen on validation data, is what sets the spread of the samples.
+
+    Example::
+
+        check_convergence(result.scale, result.kl, loss=result.losses[-1])  # [] when converged
     """
     out = []
     pts = [(s, k) for s, k in zip(scales, kls) if math.isfinite(s) and math.isfinite(k)]
@@ -100,9 +107,17 @@ def check_convergence(scales: Sequence[float], kls: Sequence[float], *, loss: fl
         a, b = sum(before) / len(before), sum(last) / len(last)
         change = abs(b - a) / max(abs(a), abs(b), 1e-12)
         if change > tolerance and (loss is None or abs(b - a) > 0.01 * abs(loss)):
-            out.append(f"the KL term still changed by {change:.0%} over the last {tail:.0%} of training "
-                       f"({a:.4g} -> {b:.4g} nats per example): the posterior is still moving. Train longer, or "
-                       "raise TrainConfig.guide_lr")
+            msg = (f"the KL term still changed by {change:.0%} over the last {tail:.0%} of training "
+                   f"({a:.4g} -> {b:.4g} nats per example): the posterior is still moving")
+            if b < a:  # falling: q is moving towards its prior
+                msg += (" towards its prior. Train longer (or raise TrainConfig.guide_lr) to let it settle; where "
+                        "it ends at the prior (posterior_scales: std close to prior_std), the data leave those "
+                        "coordinates of s undetermined and the prior's scale alone sets how far the samples "
+                        "spread: choose that scale on validation data (centered_prior(scale=...), CLI --prior "
+                        "s0:SCALE)")
+            else:
+                msg += ". Train longer, or raise TrainConfig.guide_lr"
+            out.append(msg)
     for msg in out:
         warnings.warn(msg, ConvergenceWarning, stacklevel=3)
     return out

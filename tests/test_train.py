@@ -384,6 +384,12 @@ def test_check_convergence_on_hand_made_histories():
     with pytest.warns(ConvergenceWarning, match="KL term still changed by 50%"):
         msgs = check_convergence([0.05, 0.2, 0.5, 0.9, 1.0, 1.1, 1.2, 1.3, 1.4, 1.5], [9, 8, 7, 6, 5, 4, 4, 4, 2, 2])
     assert len(msgs) == 1
+    # falling (4 -> 2) is a posterior moving towards its prior: the advice names the prior's scale
+    assert "towards its prior" in msgs[0] and "centered_prior(scale=" in msgs[0]
+    with pytest.warns(ConvergenceWarning, match=r"KL term still changed by 50% .*\(2 -> 4 nats per example\): "
+                                                r"the posterior is still moving\. Train longer"):
+        msgs = check_convergence([1.0] * 5 + [0.6] * 5, [2, 2, 2, 2, 2, 2, 2, 2, 4, 4])
+    assert "prior" not in msgs[0]
 
 
 def test_monitor_every_must_be_positive(make_model, examples):
