@@ -33,6 +33,7 @@ import dataclasses
 import json
 import math
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -96,6 +97,7 @@ def run(method: str, grid: GridConfig, fit_set, val_set, words, *, out: Path, ck
     with atomic_path(out / f"{dataset}.{tag}.predictions.safetensors") as tmp:  # for paired comparisons
         save_file({"mean_probs": pred.mean_probs.contiguous(), "labels": pred.labels.contiguous()}, str(tmp))
     atomic_write_json(path, row)  # written last: marks the run finished
+    shutil.rmtree(ckpt / f"{dataset}.{tag}", ignore_errors=True)  # its checkpoints are no longer needed
     return row
 
 
