@@ -69,8 +69,8 @@ def run(method: str, grid: GridConfig, fit_set, val_set, words, *, out: Path, ck
     def make_callback(model, guide):
         # temperature trains on 90% of fit_set; its epochs count over what it trains on
         num = n_fit if method != "temperature" else len(fit_set) - round(0.1 * len(fit_set))
-        every = max(1, round(curve_every * per_epoch)) if curve_every > 0 else steps + 1  # 0: no point while training
-        curves["c"] = HeldoutCurve(model, guide, val_set, every=every, num_data=num, batch_size=grid.batch_size,
+        curves["c"] = HeldoutCurve(model, guide, val_set, every=max(1, round(curve_every * per_epoch)), num_data=num,
+                                   batch_size=grid.batch_size,
                                    num_samples=grid.num_samples, path=ckpt / f"{dataset}.{tag}.curve.json")
         return curves["c"]
 
@@ -79,17 +79,18 @@ def run(method: str, grid: GridConfig, fit_set, val_set, words, *, out: Path, ck
     trained = train_method(method, backbone_factory(grid.backbone, device), fit_set, label_words=words,
                            config=grid.model_config(), train_config=train_config, num_samples=grid.num_samples,
                            prior=grid.prior, progress=False, checkpoint_dir=ckpt / f"{dataset}.{tag}",
-                           checkpoint_every=per_epoch, make_callback=make_callback)
-    curve = curves["c"]
+                           checkpoint_every=per_epoch, make_callback=make_callback if curve_every > 0 else None)
+    records = []
     if curve_every > 0:
-        curve.record(steps)  # the last point (temperature: of its LoRA model, before T)
+        curves["c"].record(steps)  # the last point (temperature: of its LoRA model, before T)
+        records = curves["c"].records
     pred = trained.predict(val_set)
     metrics = {**pred.metrics(), "mean_conf": float(pred.mean_probs.max(-1).values.mean())}
     row = {"method": method, "tag": tag, "dataset": dataset, "steps": steps, "batch_size": grid.batch_size,
            "lr": grid.lr, "n_fit": n_fit, "n_val": len(val_set), "validation": validation,
            **({"guide_lr": grid.guide_lr, "prior": describe_prior(grid.prior)} if tag != method else {}),
            "epochs": round(steps * grid.batch_size / n_fit, 2), **metrics,
-           "temperature": trained.temperature, "curve": curve.records,
+           "temperature": trained.temperature, "curve": records,
            "history": trained.history, "seconds": round(time.perf_counter() - t0, 1),
            "date": time.strftime("%Y-%m-%d")}
     if method == "scalabl":
@@ -182,9 +183,8 @@ def main(argv=None) -> None:
         for r in row["curve"]:
             print(f"    epoch {r['epoch']:>5.2f}  acc {r['acc']:.3f}  ece {r['ece']:.3f}  nll {r['nll']:.3f}  "
                   f"conf {r['mean_conf']:.3f}  mi {r['mean_mi']:.4f}", flush=True)
-    done = {json.loads(f.read_text())["tag"]: json.loads(f.read_text())["curve"]
-            for f in sorted(out.glob(f"{a.dataset}.*.json"))}
-    done = {tag: curve for tag, curve in done.items() if curve}  # --curve-every 0 runs have no curve
+    done = {r["tag"]: r["curve"] for r in (json.loads(f.read_text()) for f in sorted(out.glob(f"{a.dataset}.*.json")))
+            if r["curve"]}  # --curve-every 0 runs have no curve
     if done:
             heldout_curves_plot(done, out / f"{a.dataset}.curves.png",
                             title=f"{a.dataset}: held-out (validation) calibration while training")
